@@ -1,0 +1,80 @@
+"""The KV-cache seam: attention hands its new keys/values to a cache object and asks it to attend.
+
+A cache decides what it keeps (append / view / evict); `KVCache.attend` turns what it keeps into attention with a
+mask built from the absolute positions of the kept keys. Policies in `kvcache/` and the paged cache in `engines/`
+subclass it and override `update` (what is stored) or `attend` (how attention over it is computed).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EMPTY = -1  # position value of a slot that holds no token (padding or not yet written)
+
+
+def causal_mask(query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+    """Boolean mask [B, 1, T, S]: query t may see key s if s is a real token at or before t's position.
+
+    Padding queries (position EMPTY) are allowed to see everything so softmax stays finite; their output is ignored.
+    """
+    allowed = (key_pos[:, None, :] <= query_pos[:, :, None]) & (key_pos[:, None, :] != EMPTY)
+    allowed |= (query_pos == EMPTY)[:, :, None]
+    return allowed[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads.
+
+    q: [B, H, T, D]; k, v: [B, Hkv, S, D] with H a multiple of Hkv; mask: bool [B, 1, T, S] or None (= see all keys).
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+class KVCache:
+    """Interface. `update` appends one layer's new keys/values and returns everything that layer attends over."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """k, v: [B, Hkv, T, D] for tokens at `positions` [B, T]. Returns (keys, values, key_positions [B, S])."""
+        raise NotImplementedError
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        keys, values, key_pos = self.update(layer, k, v, positions)
+        single_real_token = q.shape[2] == 1 and not bool((key_pos == EMPTY).any())
+        mask = None if single_real_token else causal_mask(positions, key_pos)
+        return attention(q, keys, values, mask)
+
+
+class StaticKVCache(KVCache):
+    """Preallocated [B, Hkv, max_len, D] per layer, written left to right (the gpt-fast cache).
+
+    Every row of the batch advances together, so ragged prompts are left-padded with position EMPTY.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.key_pos = torch.full((batch_size, max_len), EMPTY, dtype=torch.long, device=device)
+        self.lengths = [0] * num_layers
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int) -> "StaticKVCache":
+        p = next(model.parameters())
+        cfg = model.config
+        return cls(cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim, p.dtype, p.device)
+
+    def update(self, layer, k, v, positions):
+        start, end = self.lengths[layer], self.lengths[layer] + k.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache full: {end} tokens > max_len {self.max_len}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        if layer == 0:
+            self.key_pos[:, start:end] = positions
+        self.lengths[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end], self.key_pos[:, :end]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -1,0 +1,50 @@
+"""Peak memory of a piece of work: device memory on a GPU, resident set size on a CPU."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import sys
+from typing import Any, Callable
+
+import torch
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _child(fn, args, queue):
+    try:
+        result = fn(*args)
+        queue.put((result, peak_rss_mb(), None))
+    except BaseException as e:  # report, don't hang the parent
+        queue.put((None, peak_rss_mb(), f"{type(e).__name__}: {e}"))
+
+
+def run_isolated(fn: Callable[..., Any], *args) -> tuple[Any, float]:
+    """Run fn(*args) in a fresh process; return (its result, its peak RSS in MB).
+
+    Peak RSS only ever grows within a process, so comparing two variants honestly needs one process each.
+    fn must be a module-level function (it is pickled to a spawned process).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc.start()
+    while True:
+        try:
+            result, peak, error = queue.get(timeout=1.0)
+            break
+        except Exception:  # queue.Empty: keep waiting unless the child died without reporting
+            if not proc.is_alive():
+                raise RuntimeError(f"isolated run of {fn.__name__} died (exit code {proc.exitcode})") from None
+    proc.join()
+    if error:
+        raise RuntimeError(f"isolated run failed: {error}")
+    return result, peak
+
+
+def gpu_peak_mb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")

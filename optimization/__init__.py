@@ -1,0 +1,1 @@
+"""The book's production case study: every optimization added step by step, each step measured."""

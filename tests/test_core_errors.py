@@ -1,0 +1,40 @@
+"""Bad input: one clear line on stderr and exit status 2, never a traceback."""
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["core", "generate", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["core", "generate", "--model", "/nonexistent/folder/x"], "unknown model"),
+    (["core", "generate", "--model", "tiny", "--max-tokens", "600"], "exceeds the model's context of 512"),
+    (["core", "generate", "--dtype", "fp7"], "unknown dtype 'fp7'"),
+])
+def test_bad_input_is_one_line(args, message):
+    r = run(*args)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: ") and message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_folder_without_config(tmp_path):
+    r = run("core", "generate", "--model", str(tmp_path))
+    assert r.returncode == 2 and "has no config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_asked_for_without_gpu():
+    r = run("core", "generate", "--device", "cuda")
+    assert r.returncode == 2 and "no CUDA GPU" in r.stderr
+
+
+def test_models_lists_registry():
+    r = run("core", "models")
+    assert r.returncode == 0
+    for name in ["smollm2-135m", "llama2-7b", "llama2-70b", "tiny"]:
+        assert name in r.stdout

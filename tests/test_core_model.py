@@ -1,0 +1,100 @@
+"""The model core against transformers: same logits, same greedy tokens, same RoPE scaling."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from core.config import ModelConfig
+from core.generate import SamplingParams, chat_prompt, generate
+from core.kv_cache import StaticKVCache
+from core.loading import build_random
+from core.model import rope_inv_freq
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a KV cache is in one paragraph.",
+    "List three prime numbers and explain why they are prime.",
+    "def fibonacci(n):",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_smollm(smollm):
+    hf = AutoModelForCausalLM.from_pretrained(smollm.path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # run past EOS, like ignore_eos, to compare 64 tokens every time
+    return hf
+
+
+def test_logits_match_transformers(smollm, hf_smollm):
+    ids = torch.tensor([chat_prompt(smollm.tokenizer, PROMPTS[2])])
+    with torch.no_grad():
+        ours, theirs = smollm.model(ids), hf_smollm(ids).logits
+    rel = (ours - theirs).abs().max() / theirs.abs().max()
+    assert rel < 1e-4
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_64_tokens_match_transformers(smollm, hf_smollm, prompt):
+    ids = chat_prompt(smollm.tokenizer, prompt)
+    ours = generate(smollm.model, [ids], SamplingParams(max_tokens=64, ignore_eos=True)).tokens[0]
+    with torch.no_grad():
+        # An explicit mask: otherwise transformers masks every <|im_end|> of the prompt, since it is also the pad id.
+        x = torch.tensor([ids])
+        theirs = hf_smollm.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=64, do_sample=False)
+    assert len(ours) == 64
+    assert ours == theirs[0, len(ids):].tolist()
+
+
+def _hf_copy(model) -> LlamaForCausalLM:
+    hf = LlamaForCausalLM(LlamaConfig(**model.config.to_hf())).eval()
+    state = {f"model.{k}" if not k.startswith("lm_head") else k: v for k, v in model.state_dict().items()}
+    hf.load_state_dict(state, strict=False)
+    return hf
+
+
+@pytest.mark.parametrize("rope_scaling", [{}, {"rope_type": "linear", "factor": 2.0},
+                                          {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+def test_untied_gqa_and_rope_scaling_match_transformers(rope_scaling):
+    cfg = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=8,
+                      num_kv_heads=2, head_dim=8, rope_theta=500000.0, max_position_embeddings=512,
+                      rope_scaling=rope_scaling, tie_word_embeddings=False)
+    model = build_random(cfg, torch.device("cpu"), torch.float32, seed=1)
+    hf = _hf_copy(model)
+    ids = torch.randint(0, 300, (2, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), hf(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_llama3_rope_changes_long_wavelengths_only():
+    base = ModelConfig(head_dim=128, rope_theta=500000.0)
+    scaled = ModelConfig(head_dim=128, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})
+    a, b = rope_inv_freq(base), rope_inv_freq(scaled)
+    assert torch.equal(a[:10], b[:10])  # fast-rotating dimensions untouched
+    assert torch.allclose(a[-1] / 8, b[-1])  # slowest ones slowed by the factor
+
+
+def test_cached_decode_equals_full_forward(tiny):
+    model = tiny.model
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)
+        cache = StaticKVCache.for_model(model, 1, 40)
+        parts = [model(ids[:, :25], None, cache)]
+        for t in range(25, 40):
+            parts.append(model(ids[:, t:t + 1], torch.tensor([[t]]), cache))
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_left_padded_batch_equals_one_by_one(tiny):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    batched = generate(tiny.model, prompts, params).tokens
+    single = [generate(tiny.model, [p], params).tokens[0] for p in prompts]
+    assert batched == single
+
+
+def test_num_params_counts_the_built_model(tiny):
+    assert tiny.model.config.num_params() == sum(p.numel() for p in tiny.model.parameters())
