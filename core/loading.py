@@ -1,6 +1,7 @@
 """Load a model by registry name, local folder or hub id; or build a registered shape with random weights."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -22,10 +23,15 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 @dataclass
 class LoadedModel:
     model: Transformer
-    tokenizer: object  # a transformers tokenizer
     name: str
     random_weights: bool
     path: Path | None  # the Hugging Face folder the weights came from (None for random weights)
+    tokenizer_dir: Path | None = None  # None: the default model's tokenizer
+
+    @functools.cached_property
+    def tokenizer(self):
+        """Loaded on first use, so speed-only runs with random weights need no tokenizer files at all."""
+        return load_tokenizer(self.tokenizer_dir)
 
     @property
     def label(self) -> str:
@@ -159,12 +165,12 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torc
     dt = resolve_dtype(dtype, dev)
     spec = REGISTRY.get(name)
     if spec is not None and (random_weights or spec.random_only):
-        tokenizer = load_tokenizer(None)  # presets borrow the default tokenizer: token ids stay inside its vocab
-        return LoadedModel(build_random(spec.config, dev, dt, seed), tokenizer, name, True, None)
+        # Presets borrow the default model's tokenizer (its ids stay inside every preset's vocabulary).
+        return LoadedModel(build_random(spec.config, dev, dt, seed), name, True, None)
     folder = find_model_dir(name)
     cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
     if random_weights:
-        return LoadedModel(build_random(cfg, dev, dt, seed), load_tokenizer(folder), name, True, None)
+        return LoadedModel(build_random(cfg, dev, dt, seed), name, True, None, folder)
     with torch.device("meta"):
         model = Transformer(cfg)
     state = read_state_dict(folder)
@@ -178,4 +184,4 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torc
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model = model.to(device=dev, dtype=dt).eval()
-    return LoadedModel(model, load_tokenizer(folder), name, False, folder)
+    return LoadedModel(model, name, False, folder, folder)
