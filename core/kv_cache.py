@@ -39,9 +39,8 @@ class KVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         keys, values, key_pos = self.update(layer, k, v, positions)
-        single_real_token = q.shape[2] == 1 and not bool((key_pos == EMPTY).any())
-        mask = None if single_real_token else causal_mask(positions, key_pos)
-        return attention(q, keys, values, mask)
+        # Always build the mask on the device: asking the host whether any slot is empty would sync every layer.
+        return attention(q, keys, values, causal_mask(positions, key_pos))
 
 
 class StaticKVCache(KVCache):
