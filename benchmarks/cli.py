@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     results = []
     for rate, conc in points:
         arrivals = arrival_times(len(specs), rate, args.burstiness, args.seed)
-        records, duration = run_load(backend, specs, arrivals, conc, warm, not args.no_progress)
+        records, duration, _ = run_load(backend, specs, arrivals, conc, warm, not args.no_progress)
         metrics = summarize(records, duration, goodput, args.gpu_hour_price, args.num_gpus)
         info = backend.describe()
         point = {**config, "request_rate": rate, "max_concurrency": conc,

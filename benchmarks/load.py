@@ -16,7 +16,7 @@ from benchmarks.backends.base import Backend, RequestRecord, RequestSpec
 
 async def _run_online(backend: Backend, specs: list[RequestSpec], arrivals_s: list[float],
                       max_concurrency: int | None, warmup: list[RequestSpec], progress: bool
-                      ) -> tuple[list[RequestRecord], float]:
+                      ) -> tuple[list[RequestRecord], float, float]:
     await backend.start()
     try:
         if warmup:
@@ -40,15 +40,16 @@ async def _run_online(backend: Backend, specs: list[RequestSpec], arrivals_s: li
         records = await asyncio.gather(*(one(s, a) for s, a in zip(specs, arrivals_s)))
         duration = time.perf_counter() - t0
         bar.close()
-        return list(records), duration
+        return list(records), duration, t0
     finally:
         await backend.aclose()
 
 
 def run_load(backend: Backend, specs: list[RequestSpec], arrivals_s: list[float],
              max_concurrency: int | None = None, warmup: list[RequestSpec] = (), progress: bool = True
-             ) -> tuple[list[RequestRecord], float]:
-    """Run the workload; returns (one record per spec in order, benchmark duration in seconds).
+             ) -> tuple[list[RequestRecord], float, float]:
+    """Run the workload; returns (one record per spec in order, benchmark duration in seconds, perf_counter at
+    the start: request i was planned to leave at t0 + arrivals_s[i]).
 
     warmup: requests sent first, all at once, untimed and unrecorded.
     """
@@ -59,4 +60,4 @@ def run_load(backend: Backend, specs: list[RequestSpec], arrivals_s: list[float]
         backend.run_batch(warm)
     t0 = time.perf_counter()
     records = backend.run_batch(specs)
-    return records, time.perf_counter() - t0
+    return records, time.perf_counter() - t0, t0

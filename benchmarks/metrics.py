@@ -2,7 +2,8 @@
 
 TTFT: send -> first token. TPOT: (e2el - ttft) / (output tokens - 1), per request, over requests with > 1 token.
 ITL: every gap between consecutive streamed chunks, pooled over all requests. E2EL: send -> last token.
-Each has mean_, median_, std_ and p{90,95,99}_ *_ms (numpy's linear-interpolation percentiles, as vLLM).
+Each has mean_, median_, std_ and p{90,95,99}_ *_ms (numpy's linear-interpolation percentiles, as vLLM); a metric
+with no samples is None (vLLM writes 0, which reads like a measurement).
 Throughputs divide by the benchmark duration (first send -> last completion); failed requests count in
 `failed` and nowhere else. Goodput counts completed requests meeting every SLO (ms): ttft, tpot, e2el.
 """
@@ -36,8 +37,11 @@ def parse_goodput(pairs: list[str] | None) -> dict[str, float]:
     return slos
 
 
-def _stats(name: str, values_s: list[float]) -> dict[str, float]:
-    v = np.asarray(values_s or [0.0]) * 1000.0  # empty -> zeros, as vLLM reports
+def _stats(name: str, values_s: list[float]) -> dict[str, float | None]:
+    keys = [f"mean_{name}_ms", f"median_{name}_ms", f"std_{name}_ms"] + [f"p{p}_{name}_ms" for p in PERCENTILES]
+    if not values_s:  # not measured (no successful request, or a backend that does not time each token): null
+        return dict.fromkeys(keys)
+    v = np.asarray(values_s) * 1000.0
     out = {f"mean_{name}_ms": float(v.mean()), f"median_{name}_ms": float(np.median(v)),
            f"std_{name}_ms": float(v.std())}
     out.update({f"p{p}_{name}_ms": float(np.percentile(v, p)) for p in PERCENTILES})

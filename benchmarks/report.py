@@ -47,7 +47,7 @@ def terminal_table(r: dict) -> str:
     return "\n".join(out)
 
 
-COLUMNS = [("backend", "backend"), ("request_rate", "rate (req/s)"), ("max_concurrency", "concurrency"),
+COLUMNS = [("run", "run"), ("request_rate", "rate (req/s)"), ("max_concurrency", "concurrency"),
            ("completed", "ok"), ("failed", "failed"), ("request_throughput", "req/s"),
            ("output_throughput", "output tok/s"), ("mean_ttft_ms", "mean TTFT ms"),
            ("median_ttft_ms", "median TTFT ms"), ("p99_ttft_ms", "p99 TTFT ms"), ("mean_tpot_ms", "mean TPOT ms"),
@@ -59,8 +59,8 @@ def markdown_table(results: list[dict]) -> str:
     """One row per result file, the columns that compare backends and load points."""
     head = "| " + " | ".join(t for _, t in COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    rows = ["| " + " | ".join(_fmt(r.get(k), 0 if k == "peak_memory_mb" else 2) for k, _ in COLUMNS) + " |"
-            for r in results]
+    rows = ["| " + " | ".join(_fmt({**r, "run": r.get("label") or r.get("backend")}.get(k),
+                                   0 if k == "peak_memory_mb" else 2) for k, _ in COLUMNS) + " |" for r in results]
     return "\n".join([head, rule, *rows])
 
 

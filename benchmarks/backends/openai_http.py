@@ -18,6 +18,8 @@ import time
 
 import aiohttp
 
+from core.errors import UserError
+
 from benchmarks.backends.base import Backend, RequestRecord, RequestSpec
 
 KV_USAGE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
@@ -42,6 +44,13 @@ class OpenAIBackend(Backend):
         # No connection cap: the load generator's --max-concurrency is the only limit.
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                              timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        try:  # any HTTP answer will do: this only tells "nobody listens there" apart from per-request failures
+            async with self.session.get(self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=10)):
+                pass
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            await self.session.close()
+            raise UserError(f"cannot reach a server at {self.base_url} ({type(e).__name__}: {e}); "
+                            "start one or fix --base-url") from None
         self._sampler = asyncio.create_task(self._sample())
 
     async def aclose(self) -> None:
