@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cuda-graph", action="store_true", help="replay each decode step from a CUDA graph")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
@@ -57,18 +59,19 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = copy_bandwidth_gbs(device) if device.type == "cuda" else float("nan")
     prompt = torch.randint(0, min(lm.model.config.vocab_size, 32000), (args.prompt_len,)).tolist()
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-    generate(lm.model, [prompt], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    generate(lm.model, [prompt], SamplingParams(max_tokens=8, ignore_eos=True), cuda_graph=args.cuda_graph, compile=args.compile)  # warm-up
     per_token = []
     for _ in range(args.repeats):
         sync(device)
-        result = generate(lm.model, [prompt], params)
+        result = generate(lm.model, [prompt], params, cuda_graph=args.cuda_graph, compile=args.compile)
         per_token.append(statistics.median(result.token_times_s))
     ms = statistics.median(per_token) * 1e3
     floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
-    row = {"model": lm.label, "weight_gb": weight_bytes / 1e9, "copy_bandwidth_gbs": bandwidth,
+    row = {"model": lm.label, "cuda_graph": args.cuda_graph, "compile": args.compile, "weight_gb": weight_bytes / 1e9, "copy_bandwidth_gbs": bandwidth,
            "decode_ms_per_token": ms, "floor_ms_per_token": floor_ms, "fraction_of_floor": floor_ms / ms,
            "prompt_len": args.prompt_len, "max_tokens": args.max_tokens}
-    print(f"{lm.label}\n  weights {row['weight_gb']:.2f} GB, copy bandwidth {bandwidth:.0f} GB/s -> floor "
+    mode = " + ".join(m for m, on in [("torch.compile", args.compile), ("CUDA graphs", args.cuda_graph)] if on)
+    print(f"{lm.label}, {mode or 'eager'}\n  weights {row['weight_gb']:.2f} GB, copy bandwidth {bandwidth:.0f} GB/s -> floor "
           f"{floor_ms:.2f} ms/token\n  batch-1 decode (median of {args.repeats} runs of {args.max_tokens} tokens): "
           f"{ms:.2f} ms/token = {row['fraction_of_floor']:.0%} of the bandwidth floor")
     if args.out:

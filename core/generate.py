@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from core.errors import UserError
-from core.kv_cache import EMPTY, StaticKVCache
+from core.kv_cache import EMPTY, PositionalKVCache, StaticKVCache
 from core.model import Transformer
 
 
@@ -67,12 +67,41 @@ def _left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Ten
     return ids.to(device), pos.to(device)
 
 
+class GraphedDecodeStep:
+    """One decode step captured in a CUDA graph: a single replay launches every kernel of the step.
+
+    Eager decoding of a small model is bound by kernel launches (hundreds per token); replaying a graph removes that
+    cost. Needs fixed shapes, hence the PositionalKVCache; inputs are copied into the captured tensors each step.
+    """
+
+    def __init__(self, model: Callable, cache: PositionalKVCache, tokens: torch.Tensor, positions: torch.Tensor):
+        self.tokens, self.positions = tokens.clone(), positions.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (it writes the slot the next real step overwrites)
+            for _ in range(2):
+                model(self.tokens, self.positions, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.tokens, self.positions, cache)[:, -1]
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.logits
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams,
-             on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
+             on_token: Callable[[int, int], None] | None = None, cuda_graph: bool = False,
+             compile: bool = False) -> GenerationResult:
     """Generate for a batch of token-id prompts (left-padded, static batch). Stops per row on EOS or max_tokens.
 
-    on_token(row, token) is called for every new token as it is produced (streaming).
+    on_token(row, token) is called for every new token as it is produced (streaming). cuda_graph=True replays the
+    decode step from a CUDA graph (GPU only; same tokens, far fewer kernel launches). compile=True runs the decode
+    step through torch.compile, which fuses the many small elementwise kernels (norms, RoPE, masks) of each layer.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
@@ -84,7 +113,13 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                         f"of {cfg.max_position_embeddings}")
     stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(cfg.eos_ids))
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    cache = StaticKVCache.for_model(model, len(prompts), longest + params.max_tokens)
+    if cuda_graph and device.type != "cuda":
+        raise UserError("CUDA graphs need a CUDA device")
+    static_shapes = cuda_graph or compile
+    cache = (PositionalKVCache if static_shapes else StaticKVCache).for_model(
+        model, len(prompts), longest + params.max_tokens)
+    step_model = torch.compile(model, dynamic=False) if compile else model
+    decode_step = None
     ids, pos = _left_pad(prompts, device)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
@@ -110,7 +145,11 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                 done[row] = t in stop
         if all(done) or step == params.max_tokens - 1:
             break
-        logits = model(tokens[:, None], next_pos, cache)[:, -1]
+        if cuda_graph:
+            decode_step = decode_step or GraphedDecodeStep(step_model, cache, tokens[:, None], next_pos)
+            logits = decode_step(tokens[:, None], next_pos)
+        else:
+            logits = step_model(tokens[:, None], next_pos, cache)[:, -1]
         next_pos = next_pos + 1
     return GenerationResult(out, ttft, step_times)
 

@@ -59,7 +59,7 @@ class StaticKVCache(KVCache):
         self.max_len = max_len
 
     @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int) -> "StaticKVCache":
+    def for_model(cls, model, batch_size: int, max_len: int):
         p = next(model.parameters())
         cfg = model.config
         return cls(cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim, p.dtype, p.device)
@@ -77,3 +77,30 @@ class StaticKVCache(KVCache):
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class PositionalKVCache(StaticKVCache):
+    """Slot = absolute position, and `update` returns the whole buffer: every decode step has the same shapes and
+    no host-side bookkeeping, so the step can be captured once in a CUDA graph and replayed (gpt-fast's trick).
+
+    Attention then spans max_len keys every step, masked by position; that costs little next to reading the weights.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch_size, num_kv_heads, max_len + 1, head_dim)  # the extra last slot absorbs padding tokens
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.key_pos = torch.full((batch_size, max_len + 1), EMPTY, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch_size, device=device)[:, None]
+        self.max_len = max_len
+        self.lengths = None  # no write cursor: the position is the slot
+
+    def update(self, layer, k, v, positions):
+        slots = torch.where(positions == EMPTY, self.max_len, positions)  # [B, T]
+        # x[rows, :, slots] selects [B, T, Hkv, D]: the new keys in token-major order.
+        self.keys[layer][self.rows, :, slots] = k.transpose(1, 2)
+        self.values[layer][self.rows, :, slots] = v.transpose(1, 2)
+        if layer == 0:
+            self.key_pos[self.rows, slots] = positions
+        return self.keys[layer], self.values[layer], self.key_pos

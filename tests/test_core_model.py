@@ -98,3 +98,43 @@ def test_left_padded_batch_equals_one_by_one(tiny):
 
 def test_num_params_counts_the_built_model(tiny):
     assert tiny.model.config.num_params() == sum(p.numel() for p in tiny.model.parameters())
+
+
+def test_positional_cache_equals_full_forward_with_padding(tiny):
+    from core.kv_cache import EMPTY, PositionalKVCache
+
+    model = tiny.model
+    ids = torch.randint(0, 1000, (2, 30), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(30).repeat(2, 1)
+    pos[1, :6] = EMPTY  # row 1 is left-padded by 6 tokens
+    pos[1, 6:] = torch.arange(24)
+    with torch.no_grad():
+        full0 = model(ids[:1])
+        full1 = model(ids[1:, 6:])
+        cache = PositionalKVCache.for_model(model, 2, 30)
+        parts = [model(ids[:, :20], pos[:, :20], cache)]
+        for t in range(20, 30):
+            parts.append(model(ids[:, t:t + 1], pos[:, t:t + 1], cache))
+    out = torch.cat(parts, 1)
+    assert torch.allclose(out[0], full0[0], atol=1e-5)
+    assert torch.allclose(out[1, 6:], full1[0], atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_equals_eager():
+    from core.loading import load_model
+
+    lm = load_model("tiny", "cuda", "float32", random_weights=True)
+    prompts = [[5, 6, 7, 8, 9], [20, 21, 22]]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    assert generate(lm.model, prompts, params, cuda_graph=True).tokens == generate(lm.model, prompts, params).tokens
+
+
+@pytest.mark.gpu
+def test_compiled_graphed_decode_equals_eager():
+    from core.loading import load_model
+
+    lm = load_model("tiny", "cuda", "float32", random_weights=True)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    fast = generate(lm.model, [[5, 6, 7, 8, 9]], params, cuda_graph=True, compile=True).tokens
+    assert fast == generate(lm.model, [[5, 6, 7, 8, 9]], params).tokens
