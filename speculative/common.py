@@ -146,7 +146,8 @@ class SpecResult:
 class Proposer(Protocol):
     """Proposes up to k tokens to follow `tokens` (prompt + emitted so far, the last one not yet in the target's
     cache). Returns the draft and the distributions it was drawn from ([len(draft), V]), or None when the draft was
-    chosen deterministically (prompt lookup, lookahead: a one-hot q)."""
+    chosen deterministically (prompt lookup, lookahead: a one-hot q). A proposer may also have
+    `observe(draft, target_argmax, accepted)`, called after each greedy verification."""
 
     def __call__(self, tokens: list[int], k: int) -> tuple[list[int], torch.Tensor | None]: ...
 
@@ -230,7 +231,10 @@ def speculative_generate(model: Transformer, prompt: list[int], params: Sampling
         cached = len(tokens) - 1
         logits = forward(model, cache, [tokens[-1]] + draft, cached)
         if params.temperature <= 0:
-            emitted, accepted = greedy_accept(draft, logits.argmax(-1).tolist())
+            outputs = logits.argmax(-1).tolist()
+            emitted, accepted = greedy_accept(draft, outputs)
+            if hasattr(propose, "observe"):  # lookahead learns n-grams from every verification pass
+                propose.observe(draft, outputs, accepted)
         else:
             p = probabilities(logits, params)
             if q is None:
