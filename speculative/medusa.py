@@ -1,0 +1,223 @@
+"""Medusa (Cai et al. 2024): extra decoding heads on the frozen model guess tokens 2, 3, ... ahead; a tree of their
+top candidates is verified in one forward pass with a tree attention mask; typical acceptance (Medusa-1) or greedy.
+
+Head k maps the last hidden state h to h + SiLU(W_k h) (a residual block, W_k zero-initialised so an untrained
+head starts as the base LM head) and then through the model's own frozen LM head. Sharing the LM head keeps each
+head at hidden^2 parameters (0.3 M for SmolLM2-135M) instead of hidden x vocab; the paper trains a copy per head.
+The heads file records the model it was trained for and refuses any other.
+
+    python -m speculative.train_medusa                      # writes speculative/heads/smollm2-135m.medusa.safetensors
+    python -m speculative.medusa --prompt "Give me three tips for a job interview."
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from core.__main__ import add_model_args
+from core.errors import UserError, cli
+from core.generate import SamplingParams, chat_prompt, probabilities
+from core.kv_cache import EMPTY, attention
+from core.loading import load_model
+from core.model import Transformer
+from speculative.common import (RollbackKVCache, SpecResult, SpecStats, check_prompt, finish, pick,
+                                speculative_generate, stop_ids)
+
+HEADS_DIR = Path(__file__).parent / "heads"
+
+# Candidate trees as paths of top-i choices per depth (Medusa's `medusa_choices`): (0, 1) is head 1's best token
+# followed by head 2's second best. Parents come before children.
+TREES = {
+    "chain": [(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)],
+    "small": [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0)],
+    "default": [(0,), (1,), (2,), (3,), (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (0, 0, 0), (0, 0, 1),
+                (0, 1, 0), (1, 0, 0), (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 1, 0, 0), (1, 0, 0, 0)],
+}
+
+
+class MedusaHeads(nn.Module):
+    """K residual blocks; `forward(h [..., H], lm_head) -> logits [..., K, V]` for tokens t+2 .. t+K+1."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_heads))
+        for block in self.blocks:
+            nn.init.zeros_(block.weight)
+            nn.init.zeros_(block.bias)
+
+    def forward(self, h: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
+        z = torch.stack([h + nn.functional.silu(block(h)) for block in self.blocks], dim=-2)
+        return lm_head(z)  # one matmul for all heads: the LM head weight is read once
+
+
+def model_fingerprint(model: Transformer) -> str:
+    """Identifies the weights heads were trained on: config plus a hash of the final norm and LM head rows."""
+    cfg = model.config
+    h = hashlib.sha256(f"{cfg.hidden_size}/{cfg.vocab_size}/{cfg.num_layers}".encode())
+    h.update(model.norm.weight.detach().float().cpu().numpy().tobytes())
+    h.update(model.lm_head.weight[:256].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_heads(heads: MedusaHeads, model: Transformer, model_name: str, path: Path, command: str) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in heads.state_dict().items()}
+    save_file(tensors, str(path), metadata={"model": model_name, "fingerprint": model_fingerprint(model),
+                                            "num_heads": str(len(heads.blocks)), "command": command})
+
+
+def load_heads(path: str | Path, model: Transformer) -> MedusaHeads:
+    """Load heads for `model`; a UserError if the file was trained for other weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no Medusa heads at {path}: train them with python -m speculative.train_medusa")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("fingerprint") != model_fingerprint(model):
+        raise UserError(f"Medusa heads {path} were trained for {meta.get('model', 'another model')} "
+                        f"(fingerprint {meta.get('fingerprint')}), not for these weights")
+    p = next(model.parameters())
+    heads = MedusaHeads(model.config.hidden_size, int(meta["num_heads"]))
+    heads.load_state_dict(tensors)
+    return heads.to(device=p.device, dtype=p.dtype)
+
+
+def default_heads_path(model_name: str) -> Path:
+    return HEADS_DIR / f"{Path(model_name).name}.medusa.safetensors"
+
+
+class TreeKVCache(RollbackKVCache):
+    """While `tree_mask` [T, T] is set, the T new tokens see the whole cached prefix and their tree ancestors."""
+
+    tree_mask: torch.Tensor | None = None
+
+    def attend(self, layer, q, k, v, positions):
+        if self.tree_mask is None:
+            return super().attend(layer, q, k, v, positions)
+        keys, values, key_pos = self.update(layer, k, v, positions)
+        t = q.shape[2]
+        prefix = (key_pos[:, None, :-t] != EMPTY).expand(-1, t, -1)
+        mask = torch.cat([prefix, self.tree_mask[None].expand(key_pos.shape[0], -1, -1)], dim=-1)
+        return attention(q, keys, values, mask[:, None])
+
+
+class Tree:
+    """Index tensors of a candidate tree: node 0 is the root (the pending token), nodes 1.. follow `choices`."""
+
+    def __init__(self, choices: list[tuple[int, ...]], num_heads: int, device):
+        if any(len(c) > num_heads for c in choices):
+            raise UserError(f"the candidate tree is {max(map(len, choices))} deep but there are {num_heads} heads")
+        index = {(): 0} | {c: i + 1 for i, c in enumerate(choices)}
+        if any(c[:-1] not in index for c in choices):
+            raise UserError("every tree path needs its parent path listed before it")
+        n = len(choices) + 1
+        self.parent = torch.tensor([0] + [index[c[:-1]] for c in choices], device=device)
+        self.depth = torch.tensor([0] + [len(c) for c in choices], device=device)
+        self.rank = torch.tensor([0] + [c[-1] for c in choices], device=device)  # top-i of its head
+        self.topk = max(c[-1] for c in choices) + 1
+        mask = torch.eye(n, dtype=torch.bool)
+        for c, i in index.items():
+            for d in range(len(c)):
+                mask[i, index[c[:d]]] = True  # a node sees all its ancestors (and itself)
+        self.mask = mask.to(device)
+        self.ancestors = [[index[c[:d]] for d in range(1, len(c) + 1)] for c in [()] + choices]
+        self.max_depth = max(map(len, choices))
+
+    def tokens(self, root: int, head_logits: torch.Tensor) -> torch.Tensor:
+        """Node tokens [n]: the root, then the rank-th best token of head depth-1 for each node."""
+        top = head_logits.topk(self.topk, dim=-1).indices  # [K, topk]
+        toks = top[(self.depth - 1).clamp(min=0), self.rank]
+        toks[0] = root
+        return toks
+
+
+def accepts(tokens: torch.Tensor, parent_logits: torch.Tensor, params: SamplingParams,
+            posterior_threshold: float, posterior_alpha: float) -> torch.Tensor:
+    """Per node: would the target keep this token after its parent? Greedy: it is the argmax. Otherwise Medusa-1's
+    typical acceptance: p(token) > min(threshold, alpha * exp(-entropy(p)))."""
+    if params.temperature <= 0:
+        return tokens == parent_logits.argmax(-1)
+    p = probabilities(parent_logits, params)
+    entropy = -(p * p.clamp(min=1e-10).log()).sum(-1)
+    limit = torch.minimum(torch.full_like(entropy, posterior_threshold), posterior_alpha * torch.exp(-entropy))
+    return p.gather(-1, tokens[:, None])[:, 0] > limit
+
+
+@torch.inference_mode()
+def run_medusa(model: Transformer, heads: MedusaHeads, prompt: list[int], params: SamplingParams,
+               choices: list[tuple[int, ...]] = TREES["default"], posterior_threshold: float = 0.09,
+               posterior_alpha: float = 0.3) -> SpecResult:
+    """Medusa decoding of one prompt (batch 1). Greedy: the output equals plain greedy decoding."""
+    import time
+
+    device = next(model.parameters()).device
+    tree = Tree(choices, len(heads.blocks), device)
+    gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    cache = TreeKVCache.for_model(model, 1, check_prompt(model, prompt, params, len(choices) + 1))
+    stop, stats, new = stop_ids(model, params), SpecStats(), []
+
+    t0 = time.perf_counter()
+    h = model.hidden_states(torch.tensor([prompt], device=device), cache=cache)[0, -1]
+    done = finish(new, [pick(model.lm_head(h).float(), params, gen)], stop, params.max_tokens)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    while not done:
+        cached = len(prompt) + len(new) - 1
+        ids = tree.tokens(new[-1], heads(h, model.lm_head))
+        cache.tree_mask = tree.mask
+        hs = model.hidden_states(ids[None], (cached + tree.depth)[None], cache)[0]
+        cache.tree_mask = None
+        logits = model.lm_head(hs).float()  # [n, V]
+        ok = accepts(ids, logits[tree.parent], params, posterior_threshold, posterior_alpha)
+        ok[0] = True
+        for i in range(1, len(ok)):  # parents come first, so one pass makes `ok` mean "whole path accepted"
+            ok[i] &= ok[tree.parent[i]]
+        # Deepest accepted node; among equals the one the target likes best (greedy has at most one per depth).
+        score = tree.depth * 1e4 + logits[tree.parent].log_softmax(-1).gather(-1, ids[:, None])[:, 0]
+        best = int(torch.where(ok, score, torch.full_like(score, -1e9)).argmax())
+        path = tree.ancestors[best]
+        cache.keep(cached + 1, cached + torch.tensor(path, dtype=torch.long, device=device))
+        stats.record(tree.max_depth, len(path))
+        done = finish(new, ids[path].tolist() + [pick(logits[best], params, gen)], stop, params.max_tokens)
+        h = hs[best]
+    return SpecResult(new, ttft, time.perf_counter() - t0, stats)
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--heads", default=None, help="heads file (default: speculative/heads/<model>.medusa...)")
+    parser.add_argument("--tree", default="default", choices=list(TREES))
+    parser.add_argument("--prompt", default="Give me three tips for a successful job interview.")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    lm = load_model(args.model, args.device, args.dtype, args.random_weights)
+    heads = load_heads(args.heads or default_heads_path(lm.name), lm.model)
+    prompt = chat_prompt(lm.tokenizer, args.prompt)
+    params = SamplingParams(args.max_tokens, args.temperature, seed=args.seed)
+    plain = speculative_generate(lm.model, prompt, params)
+    spec = run_medusa(lm.model, heads, prompt, params, TREES[args.tree])
+    print(lm.tokenizer.decode(spec.tokens))
+    s = spec.stats
+    print(f"\n{lm.label}; Medusa {len(heads.blocks)} heads, tree {args.tree!r} ({len(TREES[args.tree])} nodes)")
+    print(f"plain {plain.decode_tokens_per_s:.1f} tokens/s, Medusa {spec.decode_tokens_per_s:.1f} tokens/s, "
+          f"{s.mean_accepted_per_step:.2f} tokens per target pass, acceptance per depth "
+          + " ".join(f"{a:.2f}" for a in s.acceptance_rate_per_pos))
+    if args.temperature <= 0:
+        print(f"identical to plain greedy: {spec.tokens == plain.tokens}")
+
+
+if __name__ == "__main__":
+    main()

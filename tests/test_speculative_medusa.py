@@ -1,0 +1,78 @@
+"""Medusa: tree attention equals running each path alone; greedy output equals plain greedy; heads match the model."""
+import pytest
+import torch
+
+from core.errors import UserError
+from core.generate import SamplingParams, chat_prompt, generate
+from speculative.common import speculative_generate
+from speculative.medusa import (TREES, MedusaHeads, Tree, TreeKVCache, default_heads_path, load_heads, run_medusa,
+                                save_heads)
+
+
+def _random_heads(model, num_heads=4, seed=0):
+    torch.manual_seed(seed)
+    heads = MedusaHeads(model.config.hidden_size, num_heads)
+    for block in heads.blocks:
+        torch.nn.init.normal_(block.weight, std=0.5)
+    return heads
+
+
+def test_tree_attention_equals_each_path_alone(tiny):
+    m = tiny.model
+    prefix, tree = [1, 5, 9, 13], Tree(TREES["small"], 4, "cpu")
+    ids = torch.tensor([7] + [100 + i for i in range(len(TREES["small"]))])
+    with torch.inference_mode():
+        cache = TreeKVCache.for_model(m, 1, 64)
+        m(torch.tensor([prefix]), cache=cache)
+        cache.tree_mask = tree.mask
+        tree_h = m.hidden_states(ids[None], (len(prefix) + tree.depth)[None], cache)[0]
+        for node, path in enumerate(tree.ancestors):
+            chain = [prefix + [7] + ids[path].tolist()]
+            alone = m.hidden_states(torch.tensor(chain))[0, -1]
+            assert torch.allclose(tree_h[node], alone, atol=1e-5), node
+
+
+def test_greedy_identical_tiny_random_heads(tiny):
+    p = SamplingParams(max_tokens=30, ignore_eos=True)
+    prompt = [1, 7, 8, 9, 7, 8]
+    plain = speculative_generate(tiny.model, prompt, p).tokens
+    for tree in TREES:
+        assert run_medusa(tiny.model, _random_heads(tiny.model), prompt, p, TREES[tree]).tokens == plain, tree
+
+
+def test_heads_file_must_match_model(tiny, smollm, tmp_path):
+    path = tmp_path / "h.safetensors"
+    save_heads(_random_heads(tiny.model, 2), tiny.model, "tiny", path, "test")
+    assert len(load_heads(path, tiny.model).blocks) == 2
+    with pytest.raises(UserError, match="trained for tiny"):
+        load_heads(path, smollm.model)
+
+
+COMMITTED = default_heads_path("smollm2-135m")
+
+
+@pytest.mark.skipif(not COMMITTED.exists(), reason="no committed Medusa heads")
+def test_committed_heads_match_default_model_and_keep_greedy_output(smollm):
+    heads = load_heads(COMMITTED, smollm.model)  # raises if the file was trained for other weights
+    assert (COMMITTED.parent / (COMMITTED.name + ".command.txt")).exists()
+    p = SamplingParams(max_tokens=32)
+    accepted = 0
+    for text in ["Give me three tips for a successful job interview.", "What is machine learning?"]:
+        prompt = chat_prompt(smollm.tokenizer, text)
+        result = run_medusa(smollm.model, heads, prompt, p)
+        assert result.tokens == generate(smollm.model, [prompt], p).tokens[0]
+        accepted += result.stats.num_accepted_tokens
+    assert accepted > 0
+
+
+def test_typical_acceptance_sampling_runs(tiny):
+    p = SamplingParams(max_tokens=20, temperature=0.7, seed=1, ignore_eos=True)
+    a = run_medusa(tiny.model, _random_heads(tiny.model), [1, 2, 3], p).tokens
+    assert len(a) == 20 and a == run_medusa(tiny.model, _random_heads(tiny.model), [1, 2, 3], p).tokens
+
+
+def test_bad_tree_is_a_user_error():
+    with pytest.raises(UserError):
+        Tree([(0,), (0, 0, 0)], 4, "cpu")  # (0, 0) missing
+    with pytest.raises(UserError):
+        Tree([(0,), (0, 0), (0, 0, 0)], 2, "cpu")  # deeper than the heads
