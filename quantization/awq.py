@@ -170,10 +170,18 @@ def awq_layer(layer: nn.Module, inputs: LayerInputs, group_size: int = 128, symm
 
 
 def awq_model(model: nn.Module, ids: torch.Tensor, group_size: int = 128, symmetric: bool = False,
-              n_grid: int = 20, clip: bool = True, batch_size: int = 8) -> nn.Module:
-    """AWQ the whole model from calibration ids [S, T], one decoder layer at a time."""
-    quantize_layer_by_layer(model, ids, lambda layer, inp: awq_layer(
-        layer, inp, group_size, symmetric, n_grid, clip, batch_size=batch_size), "AWQ", batch_size)
+              n_grid: int = 20, clip: bool = True, batch_size: int = 8, search_samples: int = 0) -> nn.Module:
+    """AWQ the whole model from calibration ids [S, T], one decoder layer at a time.
+
+    search_samples > 0 runs the grid searches on the first that many samples only (each grid point is a forward
+    of the block: on a CPU that is most of the time); all samples still flow through the layers.
+    """
+    def quantize(layer: nn.Module, inp: LayerInputs) -> None:
+        sub = inp if search_samples <= 0 else LayerInputs(inp.hidden[:search_samples], inp.cos, inp.sin,
+                                                          inp.positions)
+        awq_layer(layer, sub, group_size, symmetric, n_grid, clip, batch_size=batch_size)
+
+    quantize_layer_by_layer(model, ids, quantize, "AWQ", batch_size)
     return model
 
 
@@ -184,9 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     add_calibration_args(parser)
     parser.add_argument("--n-grid", type=int, default=20, help="grid points of the scale and clipping searches")
     parser.add_argument("--no-clip", action="store_true", help="skip the clipping search")
+    parser.add_argument("--search-samples", type=int, default=8,
+                        help="calibration samples the grid searches use (0: all; 8 keeps the CPU default quick)")
     args = parser.parse_args(argv)
     run_method(args, "AWQ", lambda model, ids, gs: awq_model(
-        model, ids, gs, args.symmetric, args.n_grid, not args.no_clip, args.batch_size))
+        model, ids, gs, args.symmetric, args.n_grid, not args.no_clip, args.batch_size, args.search_samples))
 
 
 if __name__ == "__main__":
