@@ -55,6 +55,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--max-model-len", type=int, default=2048, help="vllm offline")
     b.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (openai)")
     b.add_argument("--server-pid", type=int, default=None, help="sample this server process tree's RSS (openai)")
+    b.add_argument("--server-metrics", action="store_true", help="poll the server's /metrics for KV-cache usage")
     w = p.add_argument_group("workload")
     w.add_argument("--dataset-name", default="random", choices=DATASETS)
     w.add_argument("--num-prompts", type=int, default=32)

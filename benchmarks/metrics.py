@@ -25,7 +25,9 @@ def parse_goodput(pairs: list[str] | None) -> dict[str, float]:
         return dict(DEFAULT_GOODPUT)
     slos = {}
     for pair in pairs:
-        name, _, value = pair.partition(":")
+        name, colon, value = pair.partition(":")
+        if not colon:
+            raise UserError(f"--goodput {pair!r}: expected METRIC:MILLISECONDS, e.g. ttft:100")
         if name not in ("ttft", "tpot", "e2el"):
             raise UserError(f"--goodput {pair!r}: the metric must be ttft, tpot or e2el")
         try:

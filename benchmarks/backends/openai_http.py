@@ -6,8 +6,9 @@ TTFT, each later one adds an ITL gap; E2EL is the last chunk's time. The output 
 `usage.completion_tokens` when sent, else the number of chunks. A non-200 status, a timeout, a stream that ends
 without `[DONE]` or a connection error is a failed record with the reason, never an exception.
 
-While a run is in flight a sampler polls, every second, the server's Prometheus /metrics for KV-cache usage (vLLM
-exports `vllm:kv_cache_usage_perc`) and, given --server-pid, the RSS of that process tree on this machine.
+With --server-metrics, a sampler polls the server's Prometheus /metrics every second for KV-cache usage (vLLM
+exports `vllm:kv_cache_usage_perc`); with --server-pid it samples the RSS of that process tree on this machine.
+Both are off by default, so the client adds no load of its own to the server or the machine.
 """
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ class OpenAIBackend(Backend):
     online = True
 
     def __init__(self, base_url: str, model: str, chat: bool = False, endpoint: str | None = None,
-                 timeout_s: float = 600.0, server_pid: int | None = None, temperature: float = 0.0):
+                 timeout_s: float = 600.0, server_pid: int | None = None, server_metrics: bool = False,
+                 temperature: float = 0.0):
         self.name = "openai-chat" if chat else "openai"
         self.base_url = base_url.rstrip("/")
         self.chat = chat
         self.endpoint = endpoint or ("/v1/chat/completions" if chat else "/v1/completions")
-        self.model, self.timeout_s, self.server_pid, self.temperature = model, timeout_s, server_pid, temperature
+        self.model, self.timeout_s, self.temperature = model, timeout_s, temperature
+        self.server_pid, self.server_metrics = server_pid, server_metrics
         self.session: aiohttp.ClientSession | None = None
         self._peak_rss_mb: float | None = None
         self._peak_kv: float | None = None
@@ -51,7 +54,8 @@ class OpenAIBackend(Backend):
             await self.session.close()
             raise UserError(f"cannot reach a server at {self.base_url} ({type(e).__name__}: {e}); "
                             "start one or fix --base-url") from None
-        self._sampler = asyncio.create_task(self._sample())
+        if self.server_pid or self.server_metrics:
+            self._sampler = asyncio.create_task(self._sample())
 
     async def aclose(self) -> None:
         if self._sampler:
@@ -134,14 +138,15 @@ class OpenAIBackend(Backend):
                     self._peak_rss_mb = max(self._peak_rss_mb or 0.0, rss)
                 except psutil.Error:
                     proc = None
-            try:
-                async with self.session.get(self.base_url + "/metrics") as resp:
-                    if resp.status == 200:
-                        for line in (await resp.text()).splitlines():
-                            if line.startswith(KV_USAGE_METRICS):
-                                self._peak_kv = max(self._peak_kv or 0.0, float(line.rsplit(" ", 1)[1]))
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-                pass
+            if self.server_metrics:
+                try:
+                    async with self.session.get(self.base_url + "/metrics") as resp:
+                        if resp.status == 200:
+                            for line in (await resp.text()).splitlines():
+                                if line.startswith(KV_USAGE_METRICS):
+                                    self._peak_kv = max(self._peak_kv or 0.0, float(line.rsplit(" ", 1)[1]))
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                    pass  # a server without /metrics: KV usage stays unknown
             await asyncio.sleep(1.0)
 
     def peak_memory_mb(self) -> float | None:
@@ -156,4 +161,4 @@ class OpenAIBackend(Backend):
 
 def from_args(args: argparse.Namespace) -> OpenAIBackend:
     return OpenAIBackend(args.base_url, args.served_model_name or str(args.model), args.backend == "openai-chat",
-                         args.endpoint, args.request_timeout, args.server_pid)
+                         args.endpoint, args.request_timeout, args.server_pid, args.server_metrics)
