@@ -63,6 +63,10 @@ class QuantizedKVCache(KVCache):
         self.lengths[layer] = end
         return out[0], out[1], self.key_pos[:, :end]
 
+    def used_nbytes(self) -> int:
+        """Bytes of the slots written so far (what a paged cache would hold)."""
+        return self.nbytes() * self.lengths[0] // self.max_len
+
     def nbytes(self) -> int:
         """Bytes of the stored codes and scales (the whole preallocated buffer)."""
         tensors = [t for group in self.codes + self.scales for t in group]
