@@ -53,6 +53,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--dtype", default=None)
     b.add_argument("--max-batch-size", type=int, default=8, help="static batch size (hf, ours)")
     b.add_argument("--max-model-len", type=int, default=2048, help="vllm offline")
+    b.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm offline: GPUs per model")
     b.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (openai)")
     b.add_argument("--server-pid", type=int, default=None, help="sample this server process tree's RSS (openai)")
     b.add_argument("--server-metrics", action="store_true", help="poll the server's /metrics for KV-cache usage")

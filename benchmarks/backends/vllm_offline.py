@@ -20,15 +20,17 @@ from benchmarks.memory import PeakMemory
 class VLLMOfflineBackend(Backend):
     name, online = "vllm", False
 
-    def __init__(self, model: str, dtype: str | None = None, max_model_len: int = 2048, seed: int = 0):
+    def __init__(self, model: str, dtype: str | None = None, max_model_len: int = 2048, seed: int = 0,
+                 tensor_parallel_size: int = 1):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
         self.model_dir = str(find_model_dir(model)) if not os.path.isdir(model) else model
         self.dtype = dtype or "auto"
+        self.tensor_parallel_size = tensor_parallel_size
         self.memory = PeakMemory(cuda=self._cuda())
         with self.memory:  # loading counts in the peak too: weights and the KV-cache reservation
             self.llm = LLM(model=self.model_dir, dtype=self.dtype, max_model_len=max_model_len, seed=seed,
-                           disable_log_stats=False)
+                           tensor_parallel_size=tensor_parallel_size, disable_log_stats=False)
 
     @staticmethod
     def _cuda() -> bool:
@@ -60,8 +62,9 @@ class VLLMOfflineBackend(Backend):
 
     def describe(self) -> dict:
         import vllm
-        return {"backend": self.name, "model": self.model_dir, "dtype": self.dtype, "vllm_version": vllm.__version__}
+        return {"backend": self.name, "model": self.model_dir, "dtype": self.dtype, "vllm_version": vllm.__version__,
+                "tensor_parallel_size": self.tensor_parallel_size}
 
 
 def from_args(args: argparse.Namespace) -> VLLMOfflineBackend:
-    return VLLMOfflineBackend(args.model, args.dtype, args.max_model_len, args.seed)
+    return VLLMOfflineBackend(args.model, args.dtype, args.max_model_len, args.seed, args.tensor_parallel_size)
