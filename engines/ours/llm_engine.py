@@ -1,0 +1,151 @@
+"""The engine loop: requests in, one scheduled forward pass per `step()`, tokens out. The server drives this."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from core.errors import UserError
+from core.generate import SamplingParams
+from core.loading import LoadedModel, load_model
+from engines.ours.block_manager import BlockManager
+from engines.ours.model_runner import ModelRunner
+from engines.ours.outputs import RequestOutput
+from engines.ours.scheduler import Scheduler
+from engines.ours.sequence import Sequence, Status
+
+GiB = 1 << 30
+
+
+def kv_cache_blocks(lm: LoadedModel, block_size: int, num_kv_blocks: int | None, kv_cache_memory_gb: float | None,
+                    gpu_memory_utilization: float) -> int:
+    """How many blocks the pool gets: given outright, from a memory budget in GiB, or (GPU) from the share of GPU
+    memory the engine may use minus what is already taken (weights, other processes) and room for activations."""
+    if num_kv_blocks is not None:
+        return num_kv_blocks
+    p = next(lm.model.parameters())
+    bytes_per_block = block_size * lm.model.config.kv_bytes_per_token(p.element_size())
+    if kv_cache_memory_gb is None and p.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(p.device)
+        activations = 2 * GiB  # logits and MLP activations of one step at the default token budget
+        budget = total * gpu_memory_utilization - (total - free) - activations
+    else:
+        budget = (kv_cache_memory_gb if kv_cache_memory_gb is not None else 1.0) * GiB
+    return max(int(budget // bytes_per_block), 0)
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged KV cache, built on the shared core model.
+
+    model: registry name, HF folder, or an already loaded `LoadedModel`. Memory: `num_kv_blocks` outright, else
+    `kv_cache_memory_gb` (default 1 GiB on CPU, like VLLM_CPU_KVCACHE_SPACE), else on GPU `gpu_memory_utilization`.
+    """
+
+    def __init__(self, model: str | LoadedModel = "smollm2-135m", device: str = "auto", dtype: str | None = None,
+                 random_weights: bool = False, max_num_seqs: int = 256, max_model_len: int | None = None,
+                 block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory_gb: float | None = None,
+                 gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048,
+                 enable_prefix_caching: bool = True):
+        self.lm = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, random_weights)
+        cfg = self.lm.model.config
+        self.tokenizer = self.lm.tokenizer
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise UserError(f"max_model_len {self.max_model_len} exceeds the model's context of "
+                            f"{cfg.max_position_embeddings}")
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
+            raise UserError("max_num_seqs, max_num_batched_tokens and block_size must be at least 1")
+        num_blocks = kv_cache_blocks(self.lm, block_size, num_kv_blocks, kv_cache_memory_gb, gpu_memory_utilization)
+        # One sequence of max_model_len tokens must always fit, or a lone long request could never finish.
+        if num_blocks * block_size < self.max_model_len:
+            raise UserError(f"the KV cache holds {num_blocks} blocks x {block_size} = {num_blocks * block_size} "
+                            f"tokens, fewer than max_model_len {self.max_model_len}: give it more memory or lower "
+                            "max_model_len")
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(self.lm.model, num_blocks, block_size)
+        self.requests: dict[str, Sequence] = {}
+        self.eos_ids = set(cfg.eos_ids)
+
+    @property
+    def label(self) -> str:
+        return self.lm.label
+
+    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> Sequence:
+        """Queue a request (text or token ids). It joins the running batch at the next step with room for it."""
+        params = params or SamplingParams()
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise UserError("every prompt needs at least one token")
+        if len(ids) > self.max_model_len:
+            raise UserError(f"prompt of {len(ids)} tokens is longer than max_model_len {self.max_model_len}")
+        if params.max_tokens < 1:
+            raise UserError("max_tokens must be at least 1")
+        if request_id is not None and request_id in self.requests:
+            raise UserError(f"request id {request_id!r} is already in use")
+        seq = Sequence(ids, params, request_id, arrival_time, text)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (a client went away): its blocks go back to the pool at once."""
+        seq = self.requests.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward pass, append the sampled tokens. Returns the requests that got a token."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        tokens = iter(self.runner.run(batch))
+        now = time.perf_counter()
+        outputs = []
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_computed_blocks(seq)
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # mid-prefill: no token yet
+            token = next(tokens)
+            seq.token_ids.append(token)
+            if seq.metrics.first_token_time is None:
+                seq.metrics.first_token_time = now
+            seq.metrics.token_times.append(now)
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                seq.metrics.finished_time = now
+                self.requests.pop(seq.request_id, None)
+            outputs.append(self.output(seq))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            return "stop"
+        if len(seq.token_ids) - seq.num_prompt_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        out = seq.output_token_ids
+        text = self.tokenizer.decode(out, skip_special_tokens=True) if seq.is_finished else ""
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, out, text, seq.is_finished,
+                             seq.finish_reason, seq.metrics)
+
+    def stats(self) -> dict:
+        """Gauges for /metrics and for the teaching scripts."""
+        bm = self.block_manager
+        return {"num_requests_running": len(self.scheduler.running),
+                "num_requests_waiting": len(self.scheduler.waiting),
+                "kv_cache_usage": bm.usage(), "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
+                "num_preemptions": self.scheduler.num_preemptions,
+                "prefix_cache_queries": self.scheduler.prefix_queries, "prefix_cache_hits": self.scheduler.prefix_hits}

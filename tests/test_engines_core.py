@@ -1,0 +1,184 @@
+"""Our engine: the allocator's reference counts, prefix sharing, and greedy outputs equal to core.generate's for
+staggered mixed-length batches, with chunked prefill, forced preemption and prefix caching, and no leaked blocks."""
+import random
+
+import pytest
+import torch
+
+from core.errors import UserError
+from core.generate import SamplingParams, chat_prompt, generate
+from core.loading import load_model
+from engines.ours import LLM
+from engines.ours.block_manager import BlockAllocator, BlockManager
+from engines.ours.sequence import Sequence
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    """The tiny random Llama in float64: random weights give close logits, and float64 keeps batching-order
+    rounding far below them, so greedy equality is a test of the algorithm, not of luck."""
+    return load_model("tiny", "cpu", torch.float64, random_weights=True)
+
+
+def assert_pool_full(llm: LLM):
+    alloc = llm.block_manager.allocator
+    assert alloc.num_free == alloc.num_blocks and not any(alloc.ref_counts)
+    assert not llm.requests and not llm.has_unfinished_requests()
+
+
+def run_staggered(llm: LLM, arrivals: dict[int, list[list[int]]], params: SamplingParams) -> list[list[int]]:
+    """Add prompts at the given step numbers (continuous batching), step until all are done."""
+    order, done, step = [], {}, 0
+    while step <= max(arrivals) or llm.has_unfinished_requests():
+        for prompt in arrivals.get(step, []):
+            order.append(llm.add_request(None, prompt, params).request_id)
+        for out in llm.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+        step += 1
+    return [done[r] for r in order]
+
+
+def reference(lm, prompts, params):
+    return [generate(lm.model, [p], params).tokens[0] for p in prompts]
+
+
+# --- the allocator and the block manager ------------------------------------------------------------------------
+
+def test_allocator_reference_counts():
+    a = BlockAllocator(4)
+    x = a.allocate()
+    a.share(x)
+    assert a.ref_counts[x] == 2 and a.num_free == 3
+    a.release(x)
+    assert a.num_free == 3
+    a.release(x)
+    assert a.num_free == 4
+    with pytest.raises(RuntimeError):
+        a.release(x)
+
+
+def test_freed_cached_block_is_reused_until_evicted():
+    a = BlockAllocator(2)
+    x = a.allocate()
+    a.register(x, 123)
+    a.release(x)  # free, but its content stays findable
+    assert a.lookup(123) == x
+    a.share(x)  # taken back out of the free list
+    assert a.num_free == 1 and a.ref_counts[x] == 1
+    a.release(x)
+    others = [a.allocate(), a.allocate()]  # the other free block goes first, then x is evicted
+    assert others[1] == x and a.lookup(123) is None
+
+
+def test_prefix_blocks_shared_and_last_token_recomputed():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    p = SamplingParams()
+    a = Sequence(list(range(12)), p)
+    bm.take_cached_prefix(a)
+    assert bm.ensure_slots(a, a.num_tokens)
+    a.num_computed_tokens = a.num_tokens
+    bm.register_computed_blocks(a)
+    b = Sequence(list(range(10)) + [99, 98], p)  # shares two full blocks with a
+    bm.take_cached_prefix(b)
+    assert b.block_table == a.block_table[:2] and b.num_computed_tokens == 8
+    c = Sequence(list(range(12)), p)  # same 12 tokens: the third block holds the last token, so it is not reused
+    bm.take_cached_prefix(c)
+    assert c.num_computed_tokens == 8
+    for s in (a, b, c):
+        bm.free(s)
+    assert bm.num_free_blocks == 16
+
+
+def test_ensure_slots_is_all_or_nothing():
+    bm = BlockManager(num_blocks=3, block_size=4)
+    s = Sequence(list(range(5)), SamplingParams())
+    assert bm.ensure_slots(s, 5) and len(s.block_table) == 2
+    assert not bm.ensure_slots(s, 13) and len(s.block_table) == 2
+
+
+# --- greedy equality with the plain decode loop ---------------------------------------------------------------
+
+def random_prompts(n, seed, lo=3, hi=40, shared_prefix=0):
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, 49152) for _ in range(shared_prefix)]
+    return [prefix + [rng.randrange(3, 49152) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+@pytest.mark.parametrize("case", [
+    dict(num_kv_blocks=64, max_num_batched_tokens=2048),                           # plenty of memory
+    dict(num_kv_blocks=64, max_num_batched_tokens=7),                              # prefill in chunks of <= 7
+    dict(num_kv_blocks=16, max_num_batched_tokens=16, max_model_len=64),           # forced preemption
+    dict(num_kv_blocks=16, max_num_batched_tokens=16, max_model_len=64, enable_prefix_caching=False),
+    dict(num_kv_blocks=600, max_num_batched_tokens=2048, block_size=1),
+])
+def test_greedy_equals_plain_generation_tiny(tiny64, case):
+    params = SamplingParams(max_tokens=8 if "max_model_len" in case else 12, ignore_eos=True)
+    prompts = random_prompts(7, seed=1, shared_prefix=9) + random_prompts(3, seed=2, hi=20)
+    arrivals = {0: prompts[:4], 1: prompts[4:6], 3: prompts[6:8], 9: prompts[8:]}
+    llm = LLM(tiny64, block_size=case.pop("block_size", 4), max_model_len=case.pop("max_model_len", 128), **case)
+    assert run_staggered(llm, arrivals, params) == reference(tiny64, prompts, params)
+    if case["num_kv_blocks"] == 16:
+        assert llm.scheduler.num_preemptions > 0  # the case really exercised preemption
+    assert_pool_full(llm)
+
+
+def test_prefix_cache_hits_on_shared_prefix(tiny64):
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    prompts = random_prompts(6, seed=3, lo=2, hi=5, shared_prefix=32)
+    llm = LLM(tiny64, block_size=8, num_kv_blocks=64, max_model_len=128)
+    first = llm.generate(prompts[:1], params, use_tqdm=False)
+    rest = llm.generate(prompts[1:], params, use_tqdm=False)
+    assert [o.token_ids for o in first + rest] == reference(tiny64, prompts, params)
+    assert llm.stats()["prefix_cache_hits"] == 5 * 32  # every later request reuses the 4 shared full blocks
+    assert_pool_full(llm)
+
+
+def test_greedy_equals_plain_generation_default_model(smollm):
+    """Real weights, chat prompts, EOS stops, preemption and prefix caching (the system prompt is shared)."""
+    questions = ["What is the capital of France?", "Name three colours.", "What is 2+2?", "Say hello."]
+    prompts = [chat_prompt(smollm.tokenizer, q) for q in questions]
+    params = SamplingParams(max_tokens=12)
+    llm = LLM(smollm, block_size=8, num_kv_blocks=10, max_model_len=64, max_num_batched_tokens=48)
+    out = run_staggered(llm, {0: prompts[:2], 2: prompts[2:]}, params)
+    assert out == reference(smollm, prompts, params)
+    assert llm.scheduler.num_preemptions > 0 and llm.stats()["prefix_cache_hits"] > 0
+    assert_pool_full(llm)
+
+
+def test_generate_outputs_and_metrics(tiny64):
+    llm = LLM(tiny64, block_size=4, num_kv_blocks=32, max_model_len=128)
+    outs = llm.generate([[5, 6, 7], "hello world"], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert outs[0].prompt_token_ids == [5, 6, 7] and outs[1].prompt == "hello world"
+    for o in outs:
+        m = o.metrics
+        assert len(o.token_ids) == 5 and o.finish_reason == "length" and o.finished
+        assert len(m.token_times) == 5 and m.arrival_time <= m.first_token_time == m.token_times[0]
+        assert o.text == tiny64.tokenizer.decode(o.token_ids, skip_special_tokens=True)
+
+
+def test_seeded_sampling_reproduces(tiny64):
+    p = SamplingParams(max_tokens=10, temperature=1.0, seed=7, ignore_eos=True)
+    llm = LLM(tiny64, block_size=4, num_kv_blocks=32, max_model_len=128)
+    a = llm.generate([[1, 2, 3]], p, use_tqdm=False)[0].token_ids
+    b = llm.generate([[1, 2, 3], [4, 5]], p, use_tqdm=False)[0].token_ids
+    assert a == b
+
+
+def test_abort_frees_blocks(tiny64):
+    llm = LLM(tiny64, block_size=4, num_kv_blocks=32, max_model_len=128)
+    llm.add_request("x", list(range(3, 20)), SamplingParams(max_tokens=50, ignore_eos=True))
+    llm.step()
+    assert llm.block_manager.num_free_blocks < 32
+    llm.abort("x")
+    assert_pool_full(llm)
+
+
+def test_user_errors(tiny64):
+    with pytest.raises(UserError, match="fewer than max_model_len"):
+        LLM(tiny64, num_kv_blocks=2, block_size=4, max_model_len=64)
+    llm = LLM(tiny64, block_size=4, num_kv_blocks=32, max_model_len=16)
+    with pytest.raises(UserError, match="longer than max_model_len"):
+        llm.add_request(None, list(range(3, 30)))
+    with pytest.raises(UserError, match="at least one token"):
+        llm.add_request(None, [])
