@@ -158,6 +158,17 @@ def test_live_once_against_fake_exporter(exporter, tmp_path, capsys):
     assert (s["num_requests_waiting"], s["kv_cache_usage"]) == (2, 0.5)
 
 
+def test_live_duration_mode_redraws_until_the_end(exporter, tmp_path):
+    target = exporter.serve()
+    exporter.moving.set()
+    t0 = time.monotonic()
+    live.main(["--url", f"http://{target}", "--duration", "1.5", "--interval", "0.3", "--window", "0.6",
+               "--out", str(tmp_path / "s.json")])
+    assert 1.2 < time.monotonic() - t0 < 5
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert 0.6 <= s["window_s"] < 1.2 and s["output_throughput"] > 0
+
+
 def test_live_unreachable_server_is_one_line_error(capsys):
     with pytest.raises(SystemExit) as e:
         live.main(["--url", f"http://127.0.0.1:{free_port()}", "--once"])

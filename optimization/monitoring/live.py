@@ -10,12 +10,14 @@ whole life of the server; they are only as fine as the server's bucket bounds. N
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
 import urllib.request
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -84,6 +86,20 @@ def render(stats: WindowStats | None, url: str) -> Group:
     return Group(lat, state, Text("KV cache " + kv_bar(stats.kv_cache_usage), style=style))
 
 
+def watch(url: str, until: Callable[[], bool], interval_s: float = 1.0, window_s: float = 10.0,
+          console: Console | None = None) -> Window:
+    """Scrape `url` every `interval_s` and redraw the view until `until()` is true or Ctrl-C; returns the window."""
+    win = Window(window_s)
+    win.add(scrape(url))  # fails fast with one line if the server is not there
+    with contextlib.suppress(KeyboardInterrupt):
+        with Live(render(None, url), console=console or Console(), refresh_per_second=4) as view:
+            while not until():
+                time.sleep(interval_s)
+                win.add(scrape(url))
+                view.update(render(win.stats(), url))
+    return win
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,23 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.interval <= 0 or args.window <= 0 or args.duration < 0:
         raise UserError("--interval and --window must be > 0, --duration >= 0")
-    console = Console()
-    win = Window(args.window)
-    win.add(scrape(args.url))  # fails fast with one line if the server is not there
     if args.once:
+        win = Window(args.window)
+        win.add(scrape(args.url))
         time.sleep(args.interval)
         win.add(scrape(args.url))
-        console.print(render(win.stats(), args.url))
+        Console().print(render(win.stats(), args.url))
     else:
-        end = time.monotonic() + args.duration if args.duration else math.inf
-        try:
-            with Live(render(None, args.url), console=console, refresh_per_second=4) as live:
-                while time.monotonic() < end:
-                    time.sleep(min(args.interval, max(end - time.monotonic(), 0)))
-                    win.add(scrape(args.url))
-                    live.update(render(win.stats(), args.url))
-        except KeyboardInterrupt:
-            pass
+        end = time.monotonic() + (args.duration or math.inf)
+        win = watch(args.url, lambda: time.monotonic() + args.interval > end, args.interval, args.window)
     if args.out and win.stats() is not None:
         Path(args.out).write_text(json.dumps(win.stats().as_dict(), indent=2))
 
