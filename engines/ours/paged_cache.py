@@ -3,70 +3,87 @@
 Pool layout per layer: keys and values [num_blocks, block_size, num_kv_heads, head_dim]. The model runner flattens a
 step's tokens from every scheduled sequence into one row ([1, N]) and tells the cache, through `AttentionMetadata`,
 where each new token goes (`slot_mapping`) and which blocks each sequence reads (its block table). `attend` writes
-the new keys/values into their slots, then computes attention group by group: all decoding sequences together (one
-query each) and each prefill chunk on its own, gathering each sequence's blocks into a padded [B, Hkv, S, D] view.
-This is the PyTorch path; it runs anywhere and is the reference the GPU kernel is checked against.
+the new keys/values into their slots, then computes attention in three kinds of group:
+- decodes (one query per sequence), all together: on a GPU the Triton kernel reads the pool through the block
+  tables; elsewhere (the reference path) each sequence's blocks are gathered into a padded [B, Hkv, S, D] view;
+- fresh prefills (a chunk starting at position 0, nothing cached before it): plain causal attention over the chunk's
+  own keys, no pool reads at all; chunks of equal length share one call;
+- continued prefills (a later chunk, or a prompt whose head came from the prefix cache): gather + masked attention.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from core.kv_cache import EMPTY, KVCache, attention, causal_mask
 
 
 @dataclass
-class AttentionGroup:
-    """Sequences whose attention is computed in one padded call.
-
-    token_index: long [B, Tq] index of each query in the step's flat tokens (padding points at 0)
-    valid: bool [B, Tq] real queries; block_tables: long [B, max_blocks] (padding points at block 0)
-    mask: bool [B, 1, Tq, S] (S = max_blocks * block_size)
-    """
+class DecodeGroup:
+    """token_index: long [B] flat index of each query; block_tables: int32 [B, max_blocks] (padding = any block);
+    seq_lens: int32 [B] keys to attend over, the new one included; mask: bool [B, 1, 1, S] for the gather path
+    (None on the Triton path, which needs no mask)."""
     token_index: torch.Tensor
-    valid: torch.Tensor
     block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    mask: torch.Tensor | None
+
+
+@dataclass
+class FreshPrefillGroup:
+    """Chunks of equal length `length` that start at position 0: token_index long [B, length]."""
+    token_index: torch.Tensor
+    length: int
+
+
+@dataclass
+class CachedPrefillGroup:
+    """One chunk after cached tokens: queries token_index long [Tq]; block_table long [1, blocks]; mask [1,1,Tq,S]."""
+    token_index: torch.Tensor
+    block_table: torch.Tensor
     mask: torch.Tensor
-    single_query: bool  # decode group: Tq == 1 for every sequence
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # long [N]: pool slot (block * block_size + offset) of each new token
-    groups: list[AttentionGroup]
+    decode: DecodeGroup | None
+    fresh: list[FreshPrefillGroup]
+    cached: list[CachedPrefillGroup]
 
 
-def build_group(block_size: int, rows: list[tuple[int, int, int, list[int]]], device: torch.device) -> AttentionGroup:
-    """rows: per sequence (tokens already cached, new tokens, flat index of its first new token, block table)."""
-    starts, lengths, offsets, tables = zip(*rows)
-    b = len(starts)
-    t_max = max(lengths)
-    max_blocks = max(len(t) for t in tables)
-    table = torch.zeros(b, max_blocks, dtype=torch.long)
-    for i, t in enumerate(tables):
-        table[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-    start = torch.tensor(starts)[:, None]
-    length = torch.tensor(lengths)[:, None]
-    t = torch.arange(t_max)[None]
-    valid = t < length
-    token_index = torch.where(valid, torch.tensor(offsets)[:, None] + t, 0)
-    query_pos = torch.where(valid, start + t, EMPTY)
+def decode_mask(block_size: int, seq_lens: list[int], max_blocks: int) -> torch.Tensor:
+    """bool [B, 1, 1, max_blocks * block_size]: slot s of the gathered view is a real key of the sequence."""
     s = torch.arange(max_blocks * block_size)[None]
+    return (s < torch.tensor(seq_lens)[:, None])[:, None, None]
+
+
+def cached_prefill_mask(block_size: int, start: int, length: int, num_blocks: int) -> torch.Tensor:
+    """bool [1, 1, length, num_blocks * block_size] for a chunk of `length` queries at positions start.."""
+    query_pos = torch.arange(start, start + length)[None]
+    s = torch.arange(num_blocks * block_size)[None]
     key_pos = torch.where(s < start + length, s, EMPTY)
-    return AttentionGroup(token_index.to(device), valid.to(device), table.to(device),
-                          causal_mask(query_pos, key_pos).to(device), t_max == 1)
+    return causal_mask(query_pos, key_pos)
 
 
 class PagedKVCache(KVCache):
-    """K/V pools shared by all sequences; which slots belong to whom is the block manager's business."""
+    """K/V pools shared by all sequences; which slots belong to whom is the block manager's business.
+
+    use_triton: decode attention through the Triton kernel (GPU) instead of gather + SDPA (the reference path).
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, use_triton: bool = False):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
+        self.use_triton = use_triton
+        if use_triton:  # imported only here: CPU-only installs need not have Triton
+            from engines.ours.triton_attention import paged_decode_attention
+            self.decode_kernel = paged_decode_attention
         self.metadata: AttentionMetadata | None = None  # set by the model runner before each forward
 
     def nbytes(self) -> int:
@@ -77,20 +94,33 @@ class PagedKVCache(KVCache):
         meta = self.metadata
         k_pool, v_pool = self.keys[layer], self.values[layer]
         hkv, d = k_pool.shape[2], k_pool.shape[3]
+        k_new, v_new = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [N, Hkv, D]
         # Write first, so each token attends to itself and to earlier tokens of its own chunk through the pool.
-        k_pool.view(-1, hkv, d)[meta.slot_mapping] = k[0].transpose(0, 1)
-        v_pool.view(-1, hkv, d)[meta.slot_mapping] = v[0].transpose(0, 1)
+        k_pool.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k_new)
+        v_pool.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v_new)
         q_flat = q[0].transpose(0, 1)  # [N, H, D]
         out = torch.empty_like(q_flat)
-        for g in meta.groups:
-            b = g.block_tables.shape[0]
-            keys = k_pool[g.block_tables].view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
-            values = v_pool[g.block_tables].view(b, -1, hkv, d).transpose(1, 2)
-            if g.single_query:
-                qg = q_flat[g.token_index[:, 0]][:, :, None]  # [B, H, 1, D]
-                out[g.token_index[:, 0]] = attention(qg, keys, values, g.mask)[:, :, 0]
+        gqa = q.shape[1] != hkv
+        if meta.decode is not None:
+            g = meta.decode
+            qg = q_flat[g.token_index]  # [B, H, D]
+            if self.use_triton:
+                out[g.token_index] = self.decode_kernel(qg, k_pool, v_pool, g.block_tables, g.seq_lens)
             else:
-                qg = q_flat[g.token_index].transpose(1, 2)  # [B, H, Tq, D]
-                og = attention(qg, keys, values, g.mask).transpose(1, 2)  # [B, Tq, H, D]
-                out[g.token_index[g.valid]] = og[g.valid]
+                b = qg.shape[0]
+                tables = g.block_tables.long()
+                keys = k_pool[tables].view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
+                values = v_pool[tables].view(b, -1, hkv, d).transpose(1, 2)
+                out[g.token_index] = attention(qg[:, :, None], keys, values, g.mask)[:, :, 0]
+        for g in meta.fresh:
+            # [B, T, H, D] -> [B, H, T, D]; the chunk's own keys are all it may see.
+            qg = q_flat[g.token_index].transpose(1, 2)
+            kg, vg = k_new[g.token_index].transpose(1, 2), v_new[g.token_index].transpose(1, 2)
+            og = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=gqa)
+            out[g.token_index] = og.transpose(1, 2)
+        for g in meta.cached:
+            keys = k_pool[g.block_table].view(1, -1, hkv, d).transpose(1, 2)  # [1, Hkv, S, D]
+            values = v_pool[g.block_table].view(1, -1, hkv, d).transpose(1, 2)
+            qg = q_flat[g.token_index].transpose(0, 1)[None]  # [1, H, Tq, D]
+            out[g.token_index] = attention(qg, keys, values, g.mask)[0].transpose(0, 1)
         return out.transpose(0, 1)[None]
