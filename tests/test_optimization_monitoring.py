@@ -3,6 +3,7 @@ fake exporter, the Grafana dashboard's PromQL against the server's metric names,
 fake exporter (skipped when the prometheus binary is absent)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -14,7 +15,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
-from optimization.monitoring import live
+from optimization.monitoring import demo, live
 from optimization.monitoring import prometheus as prom
 from optimization.monitoring.metrics import HISTOGRAMS, SERVER_METRICS, histogram_quantile, parse, window
 
@@ -250,3 +251,20 @@ def test_prometheus_cli_runs_and_reports(exporter, tmp_path, capsys):
     assert "Prometheus ready" in out and "Prometheus stopped." in out
     values = json.loads((tmp_path / "d.json").read_text())
     assert values["Token throughput: output tokens/s"] > 0
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None,
+                    reason=f"no prometheus binary; install it with: {prom.APT_INSTALL}")
+@pytest.mark.skipif(importlib.util.find_spec("engines.ours.server") is None, reason="engines/ours/server.py absent")
+def test_demo_server_metrics_agree_with_the_harness(tmp_path):
+    """Our real server under the harness's load, scraped by Prometheus: the server's own account (PromQL) must match
+    what the client measured: counts exactly, mean latencies up to the HTTP time between client and engine."""
+    demo.main(["--num-prompts", "4", "--output-len", "8", "--request-rate", "4", "--out", str(tmp_path / "d.json")])
+    d = json.loads((tmp_path / "d.json").read_text())
+    client, server = d["client"], d["server"]
+    assert client["failed"] == 0 and client["completed"] == server["completed"] == 4
+    for key in ("total_output_tokens", "total_input_tokens"):
+        assert server[key] == client[key], key
+    for key in ("mean_ttft_ms", "mean_e2el_ms"):
+        assert server[key] == pytest.approx(client[key], rel=0.2, abs=50), key
+    assert server["num_preemptions"] == 0

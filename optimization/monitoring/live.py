@@ -69,7 +69,8 @@ def render(stats: WindowStats | None, url: str) -> Group:
     """One frame: latency table, throughput and engine-state table, KV-cache bar."""
     if stats is None:
         return Group(Text(f"{url}: waiting for a second scrape ..."))
-    lat = Table(title=f"{url}  last {stats.window_s:.1f} s", title_justify="left")
+    head = Text(f"{url}: the last {stats.window_s:.1f} s", style="bold")
+    lat = Table()
     for col in ("ms", "p50", "p99"):
         lat.add_column(col, justify="right")
     lat.add_row("TTFT", _ms(stats.median_ttft_ms), _ms(stats.p99_ttft_ms))
@@ -83,7 +84,7 @@ def render(stats: WindowStats | None, url: str) -> Group:
     state.add_row("finished requests/s", f"{stats.request_throughput:.2f}", "preemptions (window / total)",
                   f"{stats.num_preemptions_window:.0f} / {stats.num_preemptions:.0f}")
     style = "red" if stats.kv_cache_usage >= 0.95 else "yellow" if stats.kv_cache_usage >= 0.8 else "green"
-    return Group(lat, state, Text("KV cache " + kv_bar(stats.kv_cache_usage), style=style))
+    return Group(head, lat, state, Text("KV cache " + kv_bar(stats.kv_cache_usage), style=style))
 
 
 def watch(url: str, until: Callable[[], bool], interval_s: float = 1.0, window_s: float = 10.0,
