@@ -1,15 +1,15 @@
-"""Our model in process, as a static-batch offline backend over `core.generate.generate`.
+"""Our engine (`engines.ours.LLMEngine`) in process: continuous batching over a paged KV cache, every request at once.
 
-Placeholder until the engines chapter replaces this body with `engines.ours.LLM` (continuous batching): requests
-run in batches of --max-batch-size in workload order, all arriving at t=0, so a request's TTFT includes the
-batches before it. Token times come from generate's on_token callback.
+All requests arrive at t=0 (request rate inf); the engine admits them as memory and `max_num_seqs` allow, mixes
+prefill chunks with decodes under its token budget, and stamps each token's perf_counter time as it is produced.
+`--max-batch-size` sets the engine's max_num_seqs (the most sequences in one step); `--max-model-len` its context.
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-from core.generate import SamplingParams, generate
+from core.generate import SamplingParams
 from core.loading import load_model
 from core.measure import gpu_peak_mb, peak_rss_mb
 
@@ -19,43 +19,60 @@ from benchmarks.backends.base import Backend, RequestRecord, RequestSpec
 class OursBackend(Backend):
     name, online = "ours", False
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str | None = None, max_batch_size: int = 8):
+    def __init__(self, model: str, device: str = "cpu", dtype: str | None = None, max_batch_size: int = 256,
+                 max_model_len: int = 2048, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 kv_cache_memory_gb: float | None = None):
+        from engines.ours import LLMEngine
         self.loaded = load_model(model, device, dtype)
+        self.engine = LLMEngine(self.loaded, max_num_seqs=max_batch_size,
+                                max_model_len=min(max_model_len, self.loaded.model.config.max_position_embeddings),
+                                max_num_batched_tokens=max_num_batched_tokens,
+                                enable_prefix_caching=enable_prefix_caching, kv_cache_memory_gb=kv_cache_memory_gb)
         self.max_batch_size = max_batch_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.peak_kv_usage = 0.0
 
     def run_batch(self, specs: list[RequestSpec]) -> list[RequestRecord]:
-        tok = self.loaded.tokenizer
+        engine = self.engine
         t0 = time.perf_counter()
-        records: list[RequestRecord] = []
-        for i in range(0, len(specs), self.max_batch_size):
-            batch = specs[i:i + self.max_batch_size]
-            times: list[list[float]] = [[] for _ in batch]
-            tokens: list[list[int]] = [[] for _ in batch]
-
-            def on_token(row: int, token: int) -> None:
-                if len(tokens[row]) < batch[row].output_len:
-                    times[row].append(time.perf_counter())
-                    tokens[row].append(token)
-
-            params = SamplingParams(max_tokens=max(s.output_len for s in batch),
-                                    ignore_eos=all(s.ignore_eos for s in batch))
+        ids, errors = [], {}
+        for i, s in enumerate(specs):
+            params = SamplingParams(max_tokens=s.output_len, ignore_eos=s.ignore_eos)
             try:
-                generate(self.loaded.model, [tok(s.prompt).input_ids for s in batch], params, on_token)
-            except Exception as e:  # record, don't crash the run
-                records += [RequestRecord(s.prompt_len, error=f"{type(e).__name__}: {e}", start_s=t0) for s in batch]
-                continue
-            records += [RequestRecord.from_token_times(s, t0, ts, tok.decode(ids))
-                        for s, ts, ids in zip(batch, times, tokens)]
+                ids.append(engine.add_request(None, s.prompt, params, arrival_time=t0).request_id)
+            except Exception as e:  # record, don't crash the run (a prompt longer than max_model_len, ...)
+                ids.append(None)
+                errors[i] = f"{type(e).__name__}: {e}"
+        finished = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+            self.peak_kv_usage = max(self.peak_kv_usage, engine.block_manager.usage())
+        records = []
+        for i, (s, rid) in enumerate(zip(specs, ids)):
+            if rid is None:
+                records.append(RequestRecord(s.prompt_len, error=errors[i], start_s=t0))
+            else:
+                out = finished[rid]
+                records.append(RequestRecord.from_token_times(s, t0, out.metrics.token_times, out.text))
         return records
 
     def peak_memory_mb(self) -> float | None:
         device = next(self.loaded.model.parameters()).device
         return gpu_peak_mb(device) if device.type == "cuda" else peak_rss_mb()
 
+    def kv_cache_usage(self) -> float | None:
+        return self.peak_kv_usage
+
     def describe(self) -> dict:
-        return {"backend": self.name, "model": self.loaded.label, "max_batch_size": self.max_batch_size,
-                "batching": "static"}
+        bm = self.engine.block_manager
+        return {"backend": self.name, "model": self.loaded.label, "batching": "continuous",
+                "max_num_seqs": self.max_batch_size, "max_num_batched_tokens": self.max_num_batched_tokens,
+                "num_kv_blocks": bm.num_blocks, "block_size": bm.block_size,
+                "enable_prefix_caching": bm.enable_prefix_caching, "num_preemptions": self.engine.stats()[
+                    "num_preemptions"]}
 
 
 def from_args(args: argparse.Namespace) -> OursBackend:
-    return OursBackend(args.model, args.device, args.dtype, args.max_batch_size)
+    return OursBackend(args.model, args.device, args.dtype, args.max_batch_size, args.max_model_len)
