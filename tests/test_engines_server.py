@@ -1,0 +1,219 @@
+"""Our OpenAI-compatible server: the official openai client gets core.generate's greedy text (completions, chat,
+streaming, concurrent requests), disconnects free their KV blocks, bad requests get a 400 error body, /metrics
+parses and counts, and the command line serves what the harness drives."""
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.server import free_port, stop, wait_healthy
+from core.generate import SamplingParams, chat_prompt, generate
+from engines.ours.async_engine import AsyncLLMEngine
+from engines.ours.llm_engine import LLMEngine
+from engines.ours.server import IncrementalDetokenizer, build_app
+
+MODEL = "smollm2-135m"
+MAX_MODEL_LEN = 512
+
+
+@pytest.fixture(scope="module")
+def server(smollm):
+    """Our server in this process (so a test can look at the engine's block pool), on a free loopback port."""
+    engine = LLMEngine(smollm, max_num_seqs=8, max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
+    uv = uvicorn.Server(uvicorn.Config(build_app(AsyncLLMEngine(engine), MODEL), host="127.0.0.1",
+                                       port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not uv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{uv.config.port}"
+    try:
+        yield SimpleNamespace(url=url, engine=engine, client=openai.OpenAI(base_url=url + "/v1", api_key="none"),
+                              tokenizer=smollm.tokenizer)
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
+
+
+def greedy_text(lm, ids: list[int], max_tokens: int) -> str:
+    tokens = generate(lm.model, [ids], SamplingParams(max_tokens=max_tokens)).tokens[0]
+    return lm.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def wait_pool_full(engine: LLMEngine, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if engine.block_manager.num_free_blocks == engine.block_manager.num_blocks and not engine.requests:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"blocks not freed: {engine.stats()}")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Every sample of /metrics by name (histograms give their _count and _sum)."""
+    text = httpx.get(url + "/metrics").text
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+PROMPT = "The capital of France is"
+
+
+def test_completion_matches_core_generate(server, smollm):
+    want = greedy_text(smollm, smollm.tokenizer(PROMPT).input_ids, 16)
+    r = server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0)
+    assert r.choices[0].text == want
+    assert r.usage.prompt_tokens == len(smollm.tokenizer(PROMPT).input_ids)
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+    chunks = list(server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == 16
+    wait_pool_full(server.engine)
+
+
+def test_chat_matches_core_generate(server, smollm):
+    question = "What is the capital of France?"
+    want = greedy_text(smollm, chat_prompt(smollm.tokenizer, question), 24)
+    messages = [{"role": "user", "content": question}]
+    r = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    stream = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                                   stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == want
+
+
+def test_concurrent_requests_each_match(server, smollm):
+    """Requests in flight together share engine steps (continuous batching) and still get their own answer."""
+    prompts = ["Once upon a time", "def fibonacci(n):", "The three primary colors are", "Water boils at"]
+    want = [greedy_text(smollm, smollm.tokenizer(p).input_ids, 12) for p in prompts]
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none")
+
+    async def one(p):
+        r = await client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0)
+        return r.choices[0].text
+
+    async def all_of_them():
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await client.close()
+
+    assert asyncio.run(all_of_them()) == want
+    wait_pool_full(server.engine)
+
+
+def test_stop_string_cuts_the_text(server, smollm):
+    full = greedy_text(smollm, smollm.tokenizer(PROMPT).input_ids, 16)
+    stop = full.strip().split()[1]  # a word from the middle of the answer
+    r = server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
+    wait_pool_full(server.engine)
+
+
+def test_streaming_disconnect_frees_blocks(server):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "temperature": 0,
+            "stream": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.url + "/v1/completions", json=body) as resp:
+            lines = resp.iter_lines()
+            got = [line for line in (next(lines) for _ in range(6)) if line.startswith("data:")]
+            assert got and server.engine.requests  # it is running and holds blocks
+    wait_pool_full(server.engine)
+    assert scrape(server.url)["llmip:num_requests_running"] == 0
+
+
+def test_non_streaming_disconnect_frees_blocks(server):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)
+    wait_pool_full(server.engine)
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"{not json", "not valid JSON"),
+    (b'{"model": "gpt-4", "prompt": "hi"}', "does not exist"),
+    (b'{"prompt": "hi", "max_tokens": 0}', "at least 1"),
+    (b'{"prompt": "hi", "n": 2}', "n=1"),
+    (b'{"max_tokens": 5}', "prompt"),
+    (b'{"prompt": [1, 2, 99999999]}', "token ids"),
+])
+def test_bad_requests_get_400(server, body, message):
+    r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and message in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == 400
+
+
+def test_prompt_longer_than_max_model_len_is_400(server):
+    too_long = " hello" * (MAX_MODEL_LEN + 10)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        server.client.completions.create(model=MODEL, prompt=too_long, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": too_long}])
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server.client.models.list()] == [MODEL]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_metrics_parse_and_count(server):
+    before = scrape(server.url)
+    r = server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0)
+    after = scrape(server.url)
+    diff = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert diff["llmip:request_success_total"] == 1
+    assert diff["llmip:prompt_tokens_total"] == r.usage.prompt_tokens
+    assert diff["llmip:generation_tokens_total"] == r.usage.completion_tokens == 5
+    for h in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds",
+              "request_queue_time_seconds"):
+        assert diff[f"llmip:{h}_count"] == 1
+    assert after["llmip:kv_cache_usage_perc"] == 0 and after["llmip:num_requests_waiting"] == 0
+    assert "llmip:num_preemptions_total" in after
+
+
+def test_incremental_detokenizer_rebuilds_multibyte_text(smollm):
+    tok = smollm.tokenizer
+    text = "Crème brûlée 🍮 costs 5€, 日本語も."
+    ids = tok(text).input_ids
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.step(ids[:i]) for i in range(1, len(ids) + 1)]
+    assert "".join(pieces) == tok.decode(ids) and all("\ufffd" not in p for p in pieces)
+
+
+def test_cli_serves_tiny_model_and_harness_drives_it(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "engines.ours.server", "--model", "tiny", "--port", str(port),
+                             "--max-model-len", "256", "--max-num-seqs", "4", "--num-gpu-blocks-override", "64",
+                             "--uvicorn-log-level", "warning"], start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, 120)
+        out = tmp_path / "run.json"
+        run = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--backend", "openai", "--base-url", url,
+                              "--model", "tiny", "--tokenizer", MODEL, "--num-prompts", "6", "--random-input-len",
+                              "32", "--random-output-len", "8", "--no-progress", "--out", str(out)],
+                             capture_output=True, text=True, timeout=180)
+        assert run.returncode == 0, run.stderr[-2000:]
+        import json
+        metrics = json.loads(out.read_text())
+        assert metrics["completed"] == 6 and metrics["failed"] == 0, metrics
+        assert scrape(url)["llmip:request_success_total"] == 6
+    finally:
+        stop(proc)
+
+
+def test_cli_bad_arguments_exit_2():
+    r = subprocess.run([sys.executable, "-m", "engines.ours.server", "--gpu-memory-utilization", "1.5"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: ")
