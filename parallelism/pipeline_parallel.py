@@ -23,9 +23,10 @@ from core.__main__ import add_model_args
 from core.errors import UserError, cli
 from core.generate import SamplingParams, chat_prompt, sample
 from core.kv_cache import EMPTY, StaticKVCache
-from core.loading import load_model, load_tokenizer
+from core.loading import load_model, load_tokenizer, resolve_dtype
 from core.measure import gpu_peak_mb, peak_rss_mb
 from core.model import Transformer
+from core.registry import REGISTRY
 from parallelism.comm import init_distributed, sync
 from parallelism.tensor_parallel import split_evenly, table
 
@@ -177,17 +178,44 @@ def render_timeline(timelines: list[list[tuple]], width: int = 100, steps: int |
     return "\n".join(rows) + f"\n{'':8}0 ms{'':{max(width - 12, 1)}}{(end - start) * 1e3:.0f} ms"
 
 
+def build_stage_random(name: str, rank: int, world: int, device: torch.device,
+                       dtype: torch.dtype, seed: int = 0) -> tuple[PipelineStage, str]:
+    """This rank's stage of a registered shape with random weights, never allocating the other stages' layers
+    (Llama-2-70B over 8 GPUs): built on the meta device, cut to the stage, then only the stage is allocated."""
+    if name not in REGISTRY:
+        raise UserError(f"--random-weights with pipeline parallelism needs a registered shape, not {name!r}")
+    cfg = REGISTRY[name].config
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            stage = PipelineStage(Transformer(cfg), rank, world)
+        stage = stage.to_empty(device=device)
+    finally:
+        torch.set_default_dtype(previous)
+    if stage.last and cfg.tie_word_embeddings:  # to_empty allocates the two names of a tied weight separately
+        stage.lm_head.weight = stage.model.embed_tokens.weight
+    gen = torch.Generator(device=device).manual_seed(seed + rank)
+    with torch.no_grad():
+        for pname, p in stage.named_parameters():
+            p.fill_(1.0) if "norm" in pname else p.normal_(0.0, 0.02, generator=gen)
+    return stage.eval(), f"{name} [RANDOM weights (speed only), {str(dtype).removeprefix('torch.')}, {device.type}]"
+
+
 def pp_generate(name: str, prompts: list[list[int]], max_tokens: int, num_microbatches: int = 1,
                 device: str = "cpu", dtype: str | None = "float32", random_weights: bool = False) -> dict:
     """One rank's work: load, keep this stage's layers, run the schedule. Call inside a process group."""
     rank, world, dev = init_distributed(device)
-    lm = load_model(name, str(dev), dtype, random_weights)
-    stage = PipelineStage(lm.model, rank, world)
+    if random_weights and world > 1:
+        stage, label = build_stage_random(name, rank, world, dev, resolve_dtype(dtype, dev))
+    else:
+        lm = load_model(name, str(dev), dtype, random_weights)
+        stage, label = PipelineStage(lm.model, rank, world), lm.label
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     sync(dev)
     t0 = time.perf_counter()
     out = pipeline_generate(stage, prompts, params, num_microbatches, dev)
-    out.update(label=lm.label, elapsed_s=time.perf_counter() - t0,
+    out.update(label=label, elapsed_s=time.perf_counter() - t0,
                peak_mb=gpu_peak_mb(dev) if dev.type == "cuda" else peak_rss_mb())
     return out
 

@@ -36,6 +36,7 @@ from core.measure import gpu_peak_mb, peak_rss_mb
 from core.model import Transformer
 from core.registry import REGISTRY
 from parallelism.comm import init_distributed, sync
+from parallelism.planner import HARDWARE, model_config, plan
 
 
 @dataclass
@@ -45,6 +46,7 @@ class CommStats:
     bytes: int = 0
     seconds: float = 0.0
     device: torch.device = torch.device("cpu")
+    enabled: bool = True  # off: plain all-reduces, so a timed run is not slowed by the syncs timing needs
 
     def reset(self) -> None:
         self.calls, self.bytes, self.seconds = 0, 0, 0.0
@@ -52,7 +54,7 @@ class CommStats:
 
 def timed_all_reduce(x: torch.Tensor, stats: CommStats | None) -> torch.Tensor:
     """Sum x over all ranks in place. The time includes waiting for the slowest rank to arrive, as any sync does."""
-    if stats is None:
+    if stats is None or not stats.enabled:
         dist.all_reduce(x)
         return x
     sync(stats.device)
@@ -219,10 +221,11 @@ def tp_generate(name: str, prompts: list[list[int]], max_tokens: int, vocab_para
     Every rank computes the same logits (the all-reduce gives each rank the full sum), so every rank samples the
     same tokens and rank 0's result is the answer. Call inside a process group (torchrun or comm.run_local).
     Returns a dict: tokens [B][max_tokens], logits [steps, B, vocab] (float32, last position of each forward),
-    ttft_ms, tpot_ms, and with `measure` the all-reduce count, bytes and seconds of prefill and of decode.
+    ttft_ms, tpot_ms. With `measure` it first runs a short warm-up, then the timed run, then a third run that
+    times every all-reduce (count, bytes, seconds of prefill and per decode token).
     """
     rank, world, dev = init_distributed(device)
-    stats = CommStats(device=dev) if measure else None
+    stats = CommStats(device=dev, enabled=False) if measure else None
     if random_weights and world > 1:
         dt = resolve_dtype(dtype, dev)
         model = build_sharded_random(name, rank, world, dev, dt, vocab_parallel, stats)
@@ -231,22 +234,22 @@ def tp_generate(name: str, prompts: list[list[int]], max_tokens: int, vocab_para
         lm = load_model(name, str(dev), dtype, random_weights)
         label = lm.label
         model = shard_model(lm.model, rank, world, vocab_parallel, stats) if world > 1 else lm.model
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    def run(tokens: int, on_token=None):
+        dist.barrier()
+        sync(dev)
+        t0 = time.perf_counter()
+        result = generate(model, prompts, SamplingParams(max_tokens=tokens, ignore_eos=True), on_token)
+        sync(dev)
+        return result, time.perf_counter() - t0
+
+    if measure:
+        run(2)  # warm-up: first kernels, allocator, communicator set-up
     logits: list[torch.Tensor] = []
     hook = model.register_forward_hook(lambda _m, _i, out: logits.append(out[:, -1].float().cpu()))
-    prefill: dict[str, float] = {}
-
-    def after_first_token(_row: int, _token: int) -> None:
-        if stats and not prefill:
-            prefill.update(calls=stats.calls, bytes=stats.bytes, seconds=stats.seconds)
-
-    dist.barrier()
-    if stats:
-        stats.reset()
-    sync(dev)
-    t0 = time.perf_counter()
-    result = generate(model, prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True), after_first_token)
-    sync(dev)
-    elapsed = time.perf_counter() - t0
+    result, elapsed = run(max_tokens)
     hook.remove()
     steps = len(result.token_times_s)
     decode_s = sum(result.token_times_s)
@@ -254,15 +257,26 @@ def tp_generate(name: str, prompts: list[list[int]], max_tokens: int, vocab_para
            "logits": torch.stack(logits), "elapsed_s": elapsed, "ttft_ms": result.ttft_s * 1e3,
            "tpot_ms": decode_s / steps * 1e3 if steps else float("nan"), "decode_steps": steps,
            "local_heads": [model.config.num_heads, model.config.num_kv_heads],
-           "local_intermediate": model.config.intermediate_size,
-           "peak_mb": gpu_peak_mb(dev) if dev.type == "cuda" else peak_rss_mb()}
+           "local_intermediate": model.config.intermediate_size}
     if stats:
-        out.update(prefill_comm_ms=prefill.get("seconds", 0.0) * 1e3,
-                   prefill_comm_share=prefill.get("seconds", 0.0) / result.ttft_s,
-                   decode_allreduce_per_token=(stats.calls - prefill.get("calls", 0)) / max(steps, 1),
-                   decode_allreduce_bytes_per_token=(stats.bytes - prefill.get("bytes", 0)) / max(steps, 1),
-                   decode_comm_ms_per_token=(stats.seconds - prefill.get("seconds", 0.0)) / max(steps, 1) * 1e3,
-                   decode_comm_share=(stats.seconds - prefill.get("seconds", 0.0)) / decode_s if decode_s else 0.0)
+        prefill: dict[str, float] = {}
+
+        def after_first_token(_row: int, _token: int) -> None:
+            if not prefill:
+                prefill.update(calls=stats.calls, bytes=stats.bytes, seconds=stats.seconds)
+
+        stats.enabled = True
+        timed, _ = run(max_tokens, after_first_token)
+        stats.enabled = False
+        timed_decode_s = sum(timed.token_times_s)
+        decode_comm_s = stats.seconds - prefill["seconds"]
+        out.update(prefill_comm_ms=prefill["seconds"] * 1e3,
+                   prefill_comm_share=prefill["seconds"] / timed.ttft_s,
+                   decode_allreduce_per_token=(stats.calls - prefill["calls"]) / max(steps, 1),
+                   decode_allreduce_bytes_per_token=(stats.bytes - prefill["bytes"]) / max(steps, 1),
+                   decode_comm_ms_per_token=decode_comm_s / max(steps, 1) * 1e3,
+                   decode_comm_share=decode_comm_s / timed_decode_s if timed_decode_s else 0.0)
+    out["peak_mb"] = gpu_peak_mb(dev) if dev.type == "cuda" else peak_rss_mb()
     return out
 
 
@@ -273,41 +287,90 @@ def table(rows: list[tuple], header: tuple) -> str:
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows)
 
 
+def single_process_check(name: str, prompts: list[list[int]], max_tokens: int, dev: torch.device,
+                         dtype: str | None, r: dict) -> str:
+    """Rank 0 re-runs the unsharded model and compares greedy tokens and logits with the sharded run `r`."""
+    lm = load_model(name, str(dev), dtype)
+    logits: list[torch.Tensor] = []
+    hook = lm.model.register_forward_hook(lambda _m, _i, out: logits.append(out[:, -1].float().cpu()))
+    ref = generate(lm.model, prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    hook.remove()
+    diff = (torch.stack(logits) - r["logits"]).abs().max().item()
+    same = ref.tokens == r["tokens"]
+    return (f"greedy tokens equal to the single-process run: {'YES' if same else 'NO'}; "
+            f"max |logit difference| {diff:.2e}")
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     parser.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
+    parser.add_argument("--input-len", type=int, help="a synthetic prompt of this many tokens instead of --prompt")
     parser.add_argument("--batch-size", type=int, default=1, help="copies of the prompt decoded together")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--vocab-parallel", action="store_true", help="shard the embedding and LM head too")
+    parser.add_argument("--hardware", choices=sorted(HARDWARE),
+                        help="print the planner's prediction for this GPU next to the measurement (default on CUDA: "
+                             "h100-sxm)")
+    parser.add_argument("--check", action="store_true",
+                        help="rank 0 also runs the unsharded model and compares greedy tokens and logits")
     parser.add_argument("--out", help="write the measurements as JSON")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.max_tokens < 2:
-        raise UserError("--batch-size must be >= 1 and --max-tokens >= 2")
+    if args.batch_size < 1 or args.max_tokens < 2 or (args.input_len is not None and args.input_len < 1):
+        raise UserError("--batch-size and --input-len must be >= 1 and --max-tokens >= 2")
+    if args.check and args.random_weights:  # sharded random weights are drawn per rank: no whole model to compare
+        raise UserError("--check compares with the unsharded model's trained weights: drop --random-weights")
 
     rank, world, dev = init_distributed(args.device)
     tokenizer = load_tokenizer(None)  # registry presets borrow the default model's tokenizer
-    prompts = [chat_prompt(tokenizer, args.prompt)] * args.batch_size
+    if args.input_len:  # token ids from the middle of the vocabulary, the same on every rank
+        prompt = [(1000 + 7 * i) % 30000 + 100 for i in range(args.input_len)]
+    else:
+        prompt = chat_prompt(tokenizer, args.prompt)
+    prompts = [prompt] * args.batch_size
     r = tp_generate(args.model, prompts, args.max_tokens, args.vocab_parallel, str(dev), args.dtype,
                     args.random_weights, measure=True)
     everyone = [None] * world
     dist.all_gather_object(everyone, {k: v for k, v in r.items() if k not in ("logits", "tokens")})
     if rank == 0:
+        prefill_tok_s = len(prompt) * args.batch_size / (r["ttft_ms"] / 1e3)
         print(f"\n{r['label']}, tensor parallel over {world} rank(s), {r['device']}, batch {args.batch_size}, "
-              f"{len(prompts[0])} prompt tokens, {args.max_tokens} new tokens")
+              f"{len(prompt)} prompt tokens, {args.max_tokens} new tokens")
         print(table([(e["rank"], *e["local_heads"], e["local_intermediate"], f"{e['ttft_ms']:.1f}",
                       f"{e['prefill_comm_share']:.0%}", f"{e['tpot_ms']:.2f}", f"{e['decode_allreduce_per_token']:.0f}",
                       f"{e['decode_allreduce_bytes_per_token'] / 1e3:.1f}", f"{e['decode_comm_ms_per_token']:.2f}",
                       f"{e['decode_comm_share']:.0%}", f"{e['peak_mb']:.0f}") for e in everyone],
                     ("rank", "q_heads", "kv_heads", "ffn", "ttft_ms", "comm%", "tpot_ms", "allreduce/tok",
                      "KB/tok", "comm_ms/tok", "comm%", "peak_MB")))
-        print(f"\n{r['label']}: {1e3 / r['tpot_ms'] * args.batch_size:.1f} output tokens/s in decode; text of "
-              f"row 0: {tokenizer.decode(r['tokens'][0])!r}")
+        print(f"(comm% and comm_ms/tok come from a separate run that synchronises around every all-reduce)")
+        measured = {"decode_ms_per_token": r["tpot_ms"], "prefill_tokens_per_s": prefill_tok_s,
+                    "comm_ms_per_token": r["decode_comm_ms_per_token"]}
+        hw_name = args.hardware or ("h100-sxm" if dev.type == "cuda" else None)
+        predicted = None
+        if hw_name:
+            cfg = model_config(args.model)
+            p = plan(cfg, world, 1, HARDWARE[hw_name], args.batch_size, len(prompt), len(prompt) + args.max_tokens // 2,
+                     bytes_per_value=torch.finfo(resolve_dtype(args.dtype, dev)).bits // 8)
+            predicted = {"decode_ms_per_token": p.decode_ms_per_token, "prefill_tokens_per_s": p.prefill_tokens_per_s,
+                         "comm_ms_per_token": p.comm_ms_per_token}
+            print(f"\nmeasured vs planner ({hw_name}, ideal):")
+            print(table([(k, f"{measured[k]:,.2f}", f"{predicted[k]:,.2f}") for k in measured],
+                        ("metric", "measured", "predicted")))
+        print(f"\n{r['label']}: TP={world}, batch {args.batch_size}: decode {r['tpot_ms']:.2f} ms/token "
+              f"({1e3 / r['tpot_ms'] * args.batch_size:.1f} output tokens/s), prefill {prefill_tok_s:,.0f} tokens/s, "
+              f"all-reduce {r['decode_comm_ms_per_token']:.2f} ms/token")
+        if not args.input_len:
+            print(f"text of row 0: {tokenizer.decode(r['tokens'][0])!r}")
+        check = single_process_check(args.model, prompts, args.max_tokens, dev, args.dtype, r) if args.check else None
+        if check:
+            print(check)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"model": r["label"], "tensor_parallel_size": world, "batch_size": args.batch_size,
-                           "max_tokens": args.max_tokens, "ranks": everyone}, f, indent=2)
+                           "input_len": len(prompt), "max_tokens": args.max_tokens, "measured": measured,
+                           "predicted": predicted, "hardware": hw_name, "check": check, "ranks": everyone},
+                          f, indent=2)
     dist.destroy_process_group()
 
 
