@@ -162,6 +162,14 @@ def build_random(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, see
     return model.eval()
 
 
+def model_config(name: str, random_weights: bool = False) -> ModelConfig:
+    """The architecture load_model builds for these arguments, without loading any weights."""
+    spec = REGISTRY.get(name)
+    if spec is not None and (random_weights or spec.random_only):
+        return spec.config
+    return ModelConfig.from_hf(json.loads((find_model_dir(name) / "config.json").read_text()))
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype | None = None,
                random_weights: bool = False, seed: int = 0) -> LoadedModel:
     """Load trained weights, or with `random_weights` build the same shape randomly initialised (speed only)."""

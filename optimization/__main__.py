@@ -1,49 +1,70 @@
-"""The repository's main job (README's first command).
+"""The repository's main job (README's first command): the book's case study on the model at hand.
 
-For now: load the default model, answer one chat prompt with our model and with transformers' `generate`, and print
-tokens/s, peak memory and whether the greedy texts are identical. The full case study grows here step by step.
+    python -m optimization                                  # default model, this machine (CPU: a few minutes)
+    python -m optimization --model llama2-7b --random-weights --device cuda   # speed-only, at scale
+    python -m optimization --preset book                    # the book's Llama-2-70B / 8-GPU command (see README)
 """
 from __future__ import annotations
 
 import argparse
-import json
+import datetime as dt
+import math
 from pathlib import Path
 
+import torch
+
 from core.__main__ import add_model_args
-from core.errors import cli
-from core.measure import run_isolated
-from optimization.quickstart import PROMPT, run_ours, run_transformers
+from core.errors import UserError, cli
+from optimization.case_study import make_workload, run_case_study, write_report
+from optimization.steps import STEPS, StepConfig
+
+BOOK = {"model": "llama2-70b", "num_prompts": 1000, "max_output_len": 256, "gpus": 8}
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m optimization", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m optimization", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma list of {', '.join(STEPS)}")
+    parser.add_argument("--num-prompts", type=int, default=None, help="default: 32 on CPU, 256 on GPU")
+    parser.add_argument("--max-output-len", type=int, default=None, help="cap on reply lengths (CPU 48, GPU 256)")
+    parser.add_argument("--max-input-len", type=int, default=256)
+    parser.add_argument("--max-batch-size", type=int, default=8, help="static batch of the baseline")
+    parser.add_argument("--quant", choices=["awq", "rtn"], default=None, help="default awq (rtn for random weights)")
+    parser.add_argument("--ppl-tokens", type=int, default=2048, help="evaluation-split tokens for perplexity")
+    parser.add_argument("--gpu-hour-price", type=float, default=2.0, help="$ per machine-hour for the cost column")
+    parser.add_argument("--curve", default="0.5,1,2", help="rate multipliers of the latency-throughput curves")
+    parser.add_argument("--preset", choices=["book"], default=None)
+    parser.add_argument("--out-dir", type=Path, default=None, help="default results/<date>/")
+    parser.add_argument("--workload-file", type=Path, default=None,
+                        help="save the workload here as JSON on first use, read it back after (for machines "
+                             "without the ShareGPT package)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    common = (args.model, args.device, args.dtype, args.random_weights, args.max_tokens)
 
-    print(f"our model and transformers.generate, greedy, {args.max_tokens} new tokens, one process each")
-    ours, ours_rss = run_isolated(run_ours, *common)
-    theirs, theirs_rss = run_isolated(run_transformers, *common)
-    identical = ours["tokens"] == theirs["tokens"][: len(ours["tokens"])] and len(ours["tokens"]) <= len(theirs["tokens"])
-
-    print(f"\nprompt: {PROMPT}\nanswer (ours): {ours['text'].strip()}\n")
-    rows = [("implementation", "tokens", "tokens/s", "peak RSS MB", "peak GPU MB"),
-            ("ours (core.generate)", len(ours["tokens"]), f"{ours['tokens_per_s']:.1f}", f"{ours_rss:.0f}",
-             f"{ours['gpu_peak_mb']:.0f}"),
-            ("transformers generate", len(theirs["tokens"]), f"{theirs['tokens_per_s']:.1f}", f"{theirs_rss:.0f}",
-             f"{theirs['gpu_peak_mb']:.0f}")]
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
-    print(f"\nidentical greedy text: {'yes' if identical else 'NO'}   model: {ours['label']}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model": ours["label"], "identical_greedy": identical,
-                                        "ours": {**ours, "peak_rss_mb": ours_rss},
-                                        "transformers": {**theirs, "peak_rss_mb": theirs_rss}}, indent=2))
+    if args.preset == "book":
+        have = torch.cuda.device_count()
+        raise UserError(f"--preset book is Llama-2-70B (AWQ INT4) on {BOOK['gpus']} GPUs with tensor parallelism; "
+                        f"this machine has {have} GPU(s). The command, for machines that have them, is in "
+                        "optimization/README.md")
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown or "baseline" not in steps:
+        raise UserError(f"--steps must include baseline and only name {', '.join(STEPS)} (got {args.steps})")
+    on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    num_prompts = args.num_prompts or (256 if on_gpu else 32)
+    max_out = args.max_output_len or (256 if on_gpu else 48)
+    specs = make_workload(args.model, num_prompts, max_out, args.max_input_len, args.seed, args.random_weights,
+                          args.workload_file)
+    cfg = StepConfig(args.model, args.device, None if args.dtype == "auto" else args.dtype, args.random_weights,
+                     specs, [math.inf], args.max_batch_size,
+                     args.quant or ("rtn" if args.random_weights else "awq"), ppl_tokens=args.ppl_tokens,
+                     gpu_hour_price=args.gpu_hour_price, seed=args.seed)
+    out_dir = args.out_dir or Path("results") / dt.date.today().isoformat()
+    report = run_case_study(cfg, steps, out_dir, [float(x) for x in args.curve.split(",")])
+    print(write_report(report, out_dir))
+    print(f"\nreport: {out_dir / 'report.md'}  (JSON and plots beside it)")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ class RequestSpec:
     prompt_len: int
     output_len: int
     ignore_eos: bool = True
+    prompt_ids: list[int] | None = None  # token ids to send instead of the text (random-weight runs need no tokenizer)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import math
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -34,10 +35,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
-def our_server(model: str, port: int, max_num_seqs: int, log: Path, timeout_s: float = 300.0):
-    """engines/ours/server.py in its own process group on 127.0.0.1:`port`; yields its URL, always stops it."""
+def our_server(model: str, port: int, log: Path, extra: list[str] = (), timeout_s: float = 300.0):
+    """engines/ours/server.py in its own process group on 127.0.0.1:`port` (plus `extra` options); yields its URL,
+    always stops it."""
     cmd = [sys.executable, "-m", "engines.ours.server", "--model", model, "--host", "127.0.0.1",
-           "--port", str(port), "--max-num-seqs", str(max_num_seqs)]
+           "--port", str(port), *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
     try:
@@ -86,9 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--request-rate", type=float, default=2.0, help="requests/s (Poisson arrivals)")
-    p.add_argument("--num-prompts", type=int, default=24)
-    p.add_argument("--max-num-seqs", type=int, default=16, help="the server's running-batch cap")
-    p.add_argument("--output-len", type=int, default=64, help="tokens per request (ShareGPT prompts)")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--output-len", type=int, default=32, help="tokens per request (ShareGPT prompts)")
+    p.add_argument("--server-args", default="", help="options for engines.ours.server, e.g. "
+                   "\"--max-num-seqs 4 --num-gpu-blocks-override 48\" to see queueing and preemptions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prometheus-port", type=int, default=0, help="default: a free port")
     p.add_argument("--out", help="write both sides as JSON")
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="llmip-monitoring-") as tmp:
         tmp = Path(tmp)
         console.print(f"starting our server ({args.model}) ...")
-        with our_server(args.model, free_port(), args.max_num_seqs, tmp / "server.log") as url, \
+        with our_server(args.model, free_port(), tmp / "server.log", shlex.split(args.server_args)) as url, \
                 prometheus([url.removeprefix("http://")], args.prometheus_port or free_port()) as prom_url:
             wait_for_scrape(prom_url)
             console.print(f"server {url}, Prometheus {prom_url}; load: {args.num_prompts} ShareGPT requests at "

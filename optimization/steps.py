@@ -1,0 +1,231 @@
+"""The case study's steps. Each adds one optimization to the one before and runs in a process of its own, so its
+peak memory is its own. A step loads its model, serves the same workload at each request rate, and reports.
+
+    baseline          transformers generate, static batches (FP16 on GPU, FP32 on CPU)
+    awq-int4          + AWQ INT4 weights (our model; static batches)
+    paged-continuous  + our engine: paged KV cache, continuous batching (same max batch as the baseline)
+    tuned-batching    + batching tuned: the engine setting with the highest throughput from a small sweep
+    vllm              the same workload on vLLM (its own quantization left off: BF16/FP32 weights), for comparison
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from core.generate import SamplingParams, generate
+from core.loading import LoadedModel, load_model, resolve_device
+from core.measure import gpu_peak_mb
+
+from benchmarks.arrivals import arrival_times
+from benchmarks.backends.base import RequestRecord, RequestSpec
+from benchmarks.metrics import summarize
+from optimization.online import serve_continuous, serve_static
+
+STEPS = ("baseline", "awq-int4", "paged-continuous", "tuned-batching", "vllm")
+DESCRIPTIONS = {
+    "baseline": "transformers generate, static batches",
+    "awq-int4": "+ AWQ INT4 weights (ours, static batches)",
+    "paged-continuous": "+ paged KV cache, continuous batching",
+    "tuned-batching": "+ batching tuned (max seqs, token budget)",
+    "vllm": "vLLM on the same workload (comparison)",
+}
+
+
+@dataclass
+class StepConfig:
+    model: str
+    device: str
+    dtype: str | None
+    random_weights: bool
+    specs: list[RequestSpec]
+    rates: list[float]  # request rates (req/s); inf = every request at t=0
+    max_batch_size: int = 8
+    quant: str = "awq"  # awq or rtn (random weights: calibration means nothing)
+    calib_samples: int = 16
+    ppl_tokens: int = 4096
+    gpu_hour_price: float = 2.0
+    seed: int = 0
+    quantized_path: Path = Path("quantized.pt")  # where the INT4 model is saved once and reloaded by later steps
+    tuning: list[tuple[int, int]] = field(default_factory=lambda: [(8, 512), (32, 1024), (64, 2048)])
+
+
+def _ours_static_runner(lm: LoadedModel):
+    """Static batches over core.generate; each row keeps its own first output_len tokens, timed as they appear."""
+
+    def run_batch(specs: list[RequestSpec]) -> list[RequestRecord]:
+        tok = lm.tokenizer
+        prompts = [s.prompt_ids if s.prompt_ids is not None else tok(s.prompt).input_ids for s in specs]
+        times: list[list[float]] = [[] for _ in specs]
+        t0 = time.perf_counter()
+        result = generate(lm.model, prompts, SamplingParams(max_tokens=max(s.output_len for s in specs),
+                                                            ignore_eos=all(s.ignore_eos for s in specs)),
+                          on_token=lambda row, _t: times[row].append(time.perf_counter()))
+        records = []
+        for spec, toks, stamps in zip(specs, result.tokens, times):
+            n = min(spec.output_len, len(toks))
+            records.append(RequestRecord.from_token_times(spec, t0, stamps[:n],
+                                                          tok.decode(toks[:n], skip_special_tokens=True)))
+        return records
+
+    return run_batch
+
+
+def _quantized_model(cfg: StepConfig, dtype: str) -> tuple[LoadedModel, str]:
+    """The INT4 model every step after the baseline serves: quantized once, then reloaded from cfg.quantized_path."""
+    from quantization.awq import awq_model
+    from quantization.layerwise import calibration_ids
+    from quantization.linear import pick_group_size, quantize_model, set_backend
+
+    lm = load_model(cfg.model, cfg.device, dtype, cfg.random_weights)
+    group = pick_group_size(lm.model, 0)
+    method = "rtn" if cfg.quant == "rtn" else "awq"
+    notes = (f"RTN INT4 g{group}" if method == "rtn" else
+             f"AWQ INT4 g{group}, {cfg.calib_samples}x256 calibration tokens")
+    if cfg.quantized_path.exists():
+        lm.model = torch.load(cfg.quantized_path, map_location=resolve_device(cfg.device), weights_only=False)
+    else:
+        if method == "rtn":
+            quantize_model(lm.model, "int4", group)
+        else:
+            ids = calibration_ids(lm.tokenizer, cfg.calib_samples, 256)
+            awq_model(lm.model, ids.to(next(lm.model.parameters()).device), group)
+        torch.save(lm.model, cfg.quantized_path)
+    set_backend(lm.model, "torch")  # PyTorch's packed INT4 kernels (tinygemm on CUDA, its twin on CPU)
+    return lm, notes
+
+
+class _Logits(torch.nn.Module):
+    """transformers' model as `ids -> logits`, the signature core.perplexity expects."""
+
+    def __init__(self, hf_model: torch.nn.Module):
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.hf(ids).logits
+
+
+def _perplexity(model: torch.nn.Module, tokenizer, cfg: StepConfig) -> float | None:
+    """Perplexity on the first cfg.ppl_tokens tokens of the evaluation split."""
+    if cfg.ppl_tokens <= 0:
+        return None
+    from core.data import plain_text
+    from core.perplexity import perplexity
+
+    ids = tokenizer(plain_text("evaluation", max_chars=cfg.ppl_tokens * 6)).input_ids[: cfg.ppl_tokens]
+    return perplexity(model, ids, window=1024, stride=512, progress=False)
+
+
+def _weights_mb(model: torch.nn.Module) -> float:
+    from quantization.linear import weight_bytes
+
+    return weight_bytes(model) / 2**20
+
+
+def _serve_all(cfg: StepConfig, serve) -> list[dict]:
+    """serve(specs, arrivals) -> (records, duration) at every rate; one summary (plus records) per rate."""
+    out = []
+    for rate in cfg.rates:
+        arrivals = arrival_times(len(cfg.specs), rate, seed=cfg.seed)
+        records, duration = serve(cfg.specs, arrivals)
+        summary = summarize(records, duration, {"ttft": 100.0, "tpot": 50.0}, cfg.gpu_hour_price)
+        lat = [r.e2el_s * 1e3 for r in records if r.success]
+        summary["p50_e2el_ms"] = float(torch.tensor(lat).median()) if lat else None
+        out.append({"request_rate": rate, "summary": summary, "texts": [r.generated_text for r in records],
+                    "errors": [r.error for r in records if not r.success][:5]})
+    return out
+
+
+def _engine(lm: LoadedModel, cfg: StepConfig, max_num_seqs: int, budget: int):
+    from engines.ours import LLM
+
+    max_len = max(s.prompt_len + s.output_len for s in cfg.specs) + 16
+    return LLM(lm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_len)
+
+
+def run_step(name: str, cfg: StepConfig) -> dict:
+    """Run one step end to end in this process; returns its measurements (JSON-ready)."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    # The book's baseline is FP16; on a CPU half precision is slow and partly unsupported, so FP32 there.
+    dtype = cfg.dtype or ("float16" if device.type == "cuda" else "float32")
+    notes = ""
+    if name == "vllm":
+        return _run_vllm(cfg, dtype)
+    if name == "baseline":
+        if cfg.random_weights:  # transformers cannot build our random weights; our loop computes the same function
+            lm = load_model(cfg.model, cfg.device, dtype, True)
+            notes = "random weights: our static-batch loop stands in for transformers (tested equal)"
+            runner, model, label = _ours_static_runner(lm), lm.model, lm.label
+        else:
+            from benchmarks.backends.hf import HFBackend
+
+            hf = HFBackend(cfg.model, cfg.device, dtype, cfg.max_batch_size)
+            runner, model = hf.run_batch, _Logits(hf.model)
+            label = f"{cfg.model} [transformers, trained weights, {dtype}, {device.type}]"
+        runs = _serve_all(cfg, lambda specs, arr: serve_static(runner, specs, arr, cfg.max_batch_size))
+        quality = None if cfg.random_weights else _perplexity(model, hf.tokenizer, cfg)
+        weights = _weights_mb(model)
+        return {"step": name, "label": label, "dtype": dtype, "notes": notes, "weights_mb": weights,
+                "perplexity": quality, "gpu_peak_mb": gpu_peak_mb(device), "runs": runs}
+    lm, notes = _quantized_model(cfg, dtype)
+    weights = _weights_mb(lm.model)
+    quality = None if lm.random_weights else _perplexity(lm.model, lm.tokenizer, cfg)
+    if name == "awq-int4":
+        runs = _serve_all(cfg, lambda specs, arr: serve_static(_ours_static_runner(lm), specs, arr,
+                                                               cfg.max_batch_size))
+    elif name == "paged-continuous":
+        runs = _serve_all(cfg, lambda specs, arr: serve_continuous(
+            _engine(lm, cfg, cfg.max_batch_size, 2048), specs, arr))
+    elif name == "tuned-batching":
+        best = _tune(lm, cfg)
+        notes += f"; max_num_seqs={best[0]}, max_num_batched_tokens={best[1]}"
+        runs = _serve_all(cfg, lambda specs, arr: serve_continuous(_engine(lm, cfg, *best), specs, arr))
+    else:
+        raise ValueError(f"unknown step {name!r}")
+    return {"step": name, "label": lm.label, "dtype": dtype, "notes": notes, "weights_mb": weights,
+            "perplexity": quality, "gpu_peak_mb": gpu_peak_mb(device), "runs": runs}
+
+
+def _tune(lm: LoadedModel, cfg: StepConfig) -> tuple[int, int]:
+    """The (max_num_seqs, max_num_batched_tokens) with the highest offline output throughput on the workload."""
+    best, best_tput = cfg.tuning[0], -1.0
+    zero = [0.0] * len(cfg.specs)
+    for setting in cfg.tuning:
+        records, duration = serve_continuous(_engine(lm, cfg, *setting), cfg.specs, zero)
+        tput = sum(r.output_len for r in records if r.success) / duration
+        if tput > best_tput:
+            best, best_tput = setting, tput
+    return best
+
+
+def _run_vllm(cfg: StepConfig, dtype: str) -> dict:
+    """vLLM offline at rate inf only: its offline API takes every request at once (finite rates: its server)."""
+    from benchmarks.backends.vllm_offline import VLLMOfflineBackend
+
+    if cfg.random_weights:
+        return {"step": "vllm", "skipped": "random weights: use engines' GPU benchmark (load_format=dummy)"}
+    backend = VLLMOfflineBackend(cfg.model, dtype, max_model_len=2048, seed=cfg.seed)
+    runs = []
+    for rate in cfg.rates:
+        if not math.isinf(rate):
+            continue
+        t0 = time.perf_counter()
+        records = backend.run_batch(cfg.specs)
+        duration = max((r.start_s + r.e2el_s for r in records if r.success), default=time.perf_counter()) - t0
+        summary = summarize(records, duration, {"ttft": 100.0, "tpot": 50.0}, cfg.gpu_hour_price)
+        lat = [r.e2el_s * 1e3 for r in records if r.success]
+        summary["p50_e2el_ms"] = float(torch.tensor(lat).median()) if lat else None
+        runs.append({"request_rate": rate, "summary": summary, "texts": [r.generated_text for r in records],
+                     "errors": [r.error for r in records if not r.success][:5]})
+    import vllm
+
+    return {"step": "vllm", "label": f"{cfg.model} [vLLM {vllm.__version__}, {dtype}]", "dtype": dtype,
+            "notes": "offline API: measured at rate inf only", "weights_mb": None, "perplexity": None,
+            "gpu_peak_mb": backend.peak_memory_mb(), "runs": runs}
