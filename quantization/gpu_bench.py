@@ -8,6 +8,8 @@ through torch.compile (which can fuse an INT8 dequant into the matmul). Random w
 
     python -m quantization.gpu_bench --model llama2-7b                 # on an H100: a few minutes
     python -m quantization.gpu_bench --configs bf16,int4:torch --max-tokens 64
+    python -m quantization.gpu_bench --model llama2-70b --configs int4:torch    # 70B INT4 on one 80 GB GPU
+    python -m quantization.gpu_bench --model tiny --device cpu --configs bf16,int4:torch   # code path check only
 """
 from __future__ import annotations
 
@@ -22,29 +24,61 @@ import torch
 from core.bench_decode import copy_bandwidth_gbs, sync
 from core.errors import UserError, cli
 from core.generate import SamplingParams, generate
-from core.loading import load_model
-from quantization.linear import Int4Linear, pick_group_size, quantize_model, set_backend, weight_bytes
+from core.loading import LoadedModel, load_model, resolve_device
+from core.measure import gpu_peak_mb
+from core.model import Transformer
+from core.registry import REGISTRY
+from quantization.linear import LAYER_LINEARS, pick_group_size, quantize_linear, set_module, weight_bytes
 
 DEFAULT_CONFIGS = "bf16,bf16:compile,int8:dequant,int8:torch,int8:dequant:compile,int4:dequant,int4:torch"
 
 
-def build(model_name: str, device: str, precision: str, backend: str, group_size: int):
-    lm = load_model(model_name, device, "bfloat16", random_weights=True)
-    if precision != "bf16":
-        quantize_model(lm.model, precision, pick_group_size(lm.model, group_size))
-        set_backend(lm.model, backend)
-        if precision == "int4" and backend == "torch":
-            for m in lm.model.modules():
-                if isinstance(m, Int4Linear):
-                    m.use_kernel_only()  # the kernel's layout replaces ours: weight bytes counted once
+def build(model_name: str, device: str, precision: str, backend: str, group_size: int) -> LoadedModel:
+    """Random weights of the model's shape, BF16 or quantized with our modules.
+
+    Quantized models are built one decoder layer at a time (random BF16 layer on the device, quantize, next), so the
+    peak is the quantized model plus one BF16 layer: Llama-2-70B runs at INT4 (about 37 GB) on one 80 GB GPU although
+    its BF16 weights (138 GB) never fit.
+    """
+    if precision == "bf16":
+        return load_model(model_name, device, "bfloat16", random_weights=True)
+    spec = REGISTRY.get(model_name)
+    if spec is None:
+        raise UserError(f"gpu_bench takes a registered model name ({', '.join(REGISTRY)}), got {model_name!r}")
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = Transformer(spec.config)
+    finally:
+        torch.set_default_dtype(previous)
+    gs = pick_group_size(model, group_size)
+    for module in [*model.layers, model.embed_tokens, model.norm, model.lm_head]:
+        module.to_empty(device=dev)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
+        if module in model.layers:
+            for name in LAYER_LINEARS:
+                q = quantize_linear(module.get_submodule(name), precision, gs)
+                q.backend = backend
+                if precision == "int4" and backend == "torch":
+                    q.use_kernel_only()  # the kernel's layout replaces ours: weight bytes counted once
+                set_module(module, name, q)
+    if spec.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    if dev.type == "cuda":
         torch.cuda.empty_cache()
-    return lm
+    return LoadedModel(model.eval(), model_name, True, None)
 
 
 def decode_ms(lm, prompt_len: int, max_tokens: int, repeats: int, cuda_graph: bool, compile: bool) -> float:
     """Median over repeats of the median time per decode step, in ms."""
-    device = next(lm.model.buffers()).device
-    prompt = torch.randint(0, 32000, (prompt_len,)).tolist()
+    device = next(lm.model.parameters()).device
+    vocab = min(lm.model.config.vocab_size, 32000)
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     generate(lm.model, [prompt], SamplingParams(max_tokens=8, ignore_eos=True), cuda_graph=cuda_graph,
              compile=compile)  # warm-up (and compilation)
@@ -63,17 +97,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="llama2-7b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS)
-    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--group-size", type=int, default=0, help="INT4 group size (0: 128 where it divides "
+                        "every input size, as for Llama shapes; else 64 or 32)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-cuda-graph", action="store_true", help="launch every kernel from Python instead")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    if not args.device.startswith("cuda") or not torch.cuda.is_available():
-        raise UserError("gpu_bench needs a CUDA GPU (--device cuda)")
-    device = torch.device(args.device)
-    bandwidth = copy_bandwidth_gbs(device)
+    device = resolve_device(args.device)  # a CPU run only checks the code path (tests); the numbers are for GPUs
+    cuda_graph = device.type == "cuda" and not args.no_cuda_graph
+    bandwidth = copy_bandwidth_gbs(device, (2 << 30) if device.type == "cuda" else (256 << 20))
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = []
     for config in args.configs.split(","):
         parts = config.split(":")
@@ -82,37 +117,38 @@ def main(argv: list[str] | None = None) -> None:
         if precision not in ("bf16", "int8", "int4"):
             raise UserError(f"unknown precision in {config!r} (bf16, int8, int4)")
         t0 = time.perf_counter()
-        lm = build(args.model, args.device, precision, backend, args.group_size)
+        lm = build(args.model, str(device), precision, backend, args.group_size)
         nbytes = weight_bytes(lm.model)
         row = {"config": config, "model": lm.label, "weight_gb": nbytes / 1e9}
         try:
-            ms = decode_ms(lm, args.prompt_len, args.max_tokens, args.repeats, not args.no_cuda_graph, compile)
+            ms = decode_ms(lm, args.prompt_len, args.max_tokens, args.repeats, cuda_graph, compile)
             row.update(tpot_ms=ms, floor_ms=nbytes / (bandwidth * 1e9) * 1e3,
                        fraction_of_copy_bandwidth=nbytes / (ms / 1e3) / (bandwidth * 1e9))
         except (RuntimeError, NotImplementedError) as e:  # a kernel missing in this torch build: say so, go on
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        row["peak_gpu_mb"] = gpu_peak_mb(device)
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
         print(f"  {config:<24} " + (f"{row['tpot_ms']:.2f} ms/token, {row['fraction_of_copy_bandwidth']:.0%} of "
               f"copy bandwidth" if "tpot_ms" in row else row["error"]), flush=True)
         del lm
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
 
     print(f"\n{rows[0]['model'].split(' [')[0]} [RANDOM weights], batch 1, prompt {args.prompt_len}, "
-          f"{args.max_tokens} tokens, {torch.cuda.get_device_name(device)}, copy bandwidth {bandwidth:.0f} GB/s, "
-          f"CUDA graphs {'off' if args.no_cuda_graph else 'on'}, torch {torch.__version__}")
-    head = f"{'config':<24}{'weights GB':>11}{'ms/token':>10}{'floor ms':>10}{'of copy BW':>12}"
+          f"{args.max_tokens} tokens, {device_name}, copy bandwidth {bandwidth:.0f} GB/s, "
+          f"CUDA graphs {'on' if cuda_graph else 'off'}, torch {torch.__version__}")
+    head = f"{'config':<24}{'weights GB':>11}{'ms/token':>10}{'floor ms':>10}{'of copy BW':>12}{'peak GPU MB':>13}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
         if "tpot_ms" in r:
             print(f"{r['config']:<24}{r['weight_gb']:>11.2f}{r['tpot_ms']:>10.2f}{r['floor_ms']:>10.2f}"
-                  f"{r['fraction_of_copy_bandwidth']:>12.0%}")
+                  f"{r['fraction_of_copy_bandwidth']:>12.0%}{r['peak_gpu_mb']:>13.0f}")
         else:
             print(f"{r['config']:<24}{r['weight_gb']:>11.2f}  {r['error']}")
     if args.out:
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "copy_bandwidth_gbs": bandwidth,
+        args.out.write_text(json.dumps({"device": device_name, "copy_bandwidth_gbs": bandwidth,
                                         "torch": torch.__version__, "rows": rows}, indent=2))
 
 
