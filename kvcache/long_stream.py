@@ -11,6 +11,10 @@ of `--reference-window` tokens (stride half of it), so each token has at least h
 
     python -m kvcache.long_stream                    # 2560 tokens, budget 512 (20%), all policies
     python -m kvcache.long_stream --num-tokens 20480 --budget 1024 --policies full,window,streaming,h2o
+
+On a machine without the ShareGPT package (the GPU machine), save the stream's token ids here first and pass them:
+    python -m kvcache.long_stream --num-tokens 32768 --save-stream kvcache/results/stream_32768.json
+    python -m kvcache.long_stream --device cuda --stream-file kvcache/results/stream_32768.json ...
 """
 from __future__ import annotations
 
@@ -72,6 +76,18 @@ def recompute_nll(model, ids: torch.Tensor, window: int, desc: str = "reference"
     return nll
 
 
+def load_stream(path: str, num_tokens: int) -> torch.Tensor:
+    """The first `num_tokens` token ids [num_tokens] of a JSON list written by --save-stream."""
+    try:
+        with open(path) as f:
+            ids = json.load(f)["token_ids"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot read token ids from {path}: {e}") from None
+    if len(ids) < num_tokens:
+        raise UserError(f"{path} holds {len(ids)} tokens, {num_tokens} asked for")
+    return torch.tensor(ids[:num_tokens])
+
+
 def ppl(nll: list[float]) -> float:
     return math.exp(sum(nll) / len(nll)) if nll else float("nan")
 
@@ -126,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-window", type=int, default=None,
                         help="dense recompute window (default: 2 x budget; 0: skip)")
     parser.add_argument("--split", default="evaluation")
+    parser.add_argument("--stream-file", help="read the stream's token ids from this JSON (see --save-stream)")
+    parser.add_argument("--save-stream", help="write the stream's token ids to this JSON file and exit")
     parser.add_argument("--bin-size", type=int, default=256, help="tokens per point of the perplexity plot")
     parser.add_argument("--plot-dir", default="kvcache/results", help="where the PNG plots go")
     parser.add_argument("--out", help="write JSON here")
@@ -143,7 +161,15 @@ def main(argv: list[str] | None = None) -> None:
         args.reference_window = 2 * args.budget
     lm = load_model(args.model, args.device, args.dtype, args.random_weights)
     model, cfg = lm.model, lm.model.config
-    ids = stream_tokens(lm.tokenizer, args.num_tokens, args.split)
+    if args.stream_file:
+        ids = load_stream(args.stream_file, args.num_tokens)
+    else:
+        ids = stream_tokens(lm.tokenizer, args.num_tokens, args.split)
+    if args.save_stream:
+        with open(args.save_stream, "w") as f:
+            json.dump({"split": args.split, "tokenizer": lm.name, "token_ids": ids.tolist()}, f)
+        print(f"wrote {len(ids)} token ids of the {args.split} split to {args.save_stream}")
+        return
     results = {"model": lm.label, "config": {**vars(args), "max_position_embeddings": cfg.max_position_embeddings},
                "policies": {}}
     if args.reference_window:
@@ -160,18 +186,17 @@ def main(argv: list[str] | None = None) -> None:
     ref = next((r for r in results["policies"].values() if r.get("reference")), None)
     ctx = cfg.max_position_embeddings
     print(f"\n{lm.label}; {args.split} split of ShareGPT, {args.num_tokens} tokens; budget {args.budget} "
-          f"(StreamingLLM {args.sinks} sinks + {args.budget - args.sinks} recent); chunks of {args.chunk_size}; "
-          f"shared 2-core machine")
-    print(f"{'policy':<24} {'ppl all':>8} {'ppl >budget':>11} {'ppl >ctx':>8} {'vs ref':>7} {'peak KV MiB':>11} "
-          f"{'time s':>7}")
+          f"(StreamingLLM {args.sinks} sinks + {args.budget - args.sinks} recent); chunks of {args.chunk_size}")
+    print(f"{'policy':<24} {'ppl all':>8} {'ppl <ctx':>8} {'ppl >budget':>11} {'ppl >ctx':>8} {'vs ref':>7} "
+          f"{'peak KV MiB':>11} {'time s':>7}")
     for name, r in results["policies"].items():
         nll = r["nll"]
         r["ppl"], r["ppl_after_budget"] = ppl(nll), ppl(nll[args.budget:])
-        r["ppl_beyond_context"] = ppl(nll[ctx:])
+        r["ppl_within_context"], r["ppl_beyond_context"] = ppl(nll[:ctx]), ppl(nll[ctx:])
         r["ppl_ratio_to_reference"] = r["ppl"] / ref["ppl"] if ref else None
         r["peak_kv_bytes"] = max((m["kv_bytes"] for m in r["memory"]), default=0)
         ratio = f"{r['ppl_ratio_to_reference']:.3f}" if ref else "-"
-        print(f"{name:<24} {r['ppl']:>8.2f} {r['ppl_after_budget']:>11.2f} {r['ppl_beyond_context']:>8.2f} "
+        print(f"{name:<24} {r['ppl']:>8.2f} {r['ppl_within_context']:>8.2f} {r['ppl_after_budget']:>11.2f} {r['ppl_beyond_context']:>8.2f} "
               f"{ratio:>7} {r['peak_kv_bytes'] / 2**20:>11.1f} {r['time_s']:>7.0f}")
     results["plots"] = plot(results, Path(args.plot_dir), args.bin_size,
                             f"{lm.name}, {args.num_tokens} tokens, budget {args.budget}")

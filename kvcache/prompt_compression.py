@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     base = statistics.mean(r["answer_nll"] for r in rows[("none", 1.0)])
     results = []
     print(f"\n{lm.label}; {args.num_prompts} long first turns of the ShareGPT evaluation split, reference = the real "
-          f"reply's first {args.answer_len} tokens; shared 2-core machine (times noisy)")
+          f"reply's first {args.answer_len} tokens; times: median over prompts")
     print(f"{'method':<10} {'ratio':>5} {'prompt tok':>10} {'answer NLL':>10} {'dNLL':>7} {'prefill ms':>10} "
           f"{'scoring ms':>10}")
     for (method, ratio), rs in rows.items():

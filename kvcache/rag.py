@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{lm.label}; open-book task from the ShareGPT evaluation split: document of {args.num_passages} replies "
           f"({len(chunks)} chunks of {args.chunk_tokens} tokens, indexed in {index_s * 1e3:.0f} ms), "
           f"{args.num_questions} questions, answer = first {args.answer_len} tokens of the reply; top-k "
-          f"{args.top_k}; shared 2-core machine (times noisy)")
+          f"{args.top_k}; times: median over questions")
     print(f"{'method':<6} {'prompt tok':>10} {'median_ttft_ms':>14} {'retrieval ms':>12} {'answer NLL':>10} "
           f"{'top-1 acc':>9}")
     for method, rs in rows.items():

@@ -1,5 +1,6 @@
 """The long-stream evaluation's bookkeeping: chunked scoring equals one dense pass, the recompute reference equals
 core.perplexity, bad input is one line."""
+import json
 import math
 import subprocess
 import sys
@@ -45,3 +46,20 @@ def test_bad_policy_is_one_line():
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: unknown cache policy 'lru'")
     assert "Traceback" not in r.stderr
+
+
+def test_cli_saved_stream_round_trip(tmp_path):
+    """The GPU path: save the stream's ids once, run every policy from the file, get a table, JSON and plots."""
+    from kvcache.long_stream import main
+
+    stream, out = tmp_path / "stream.json", tmp_path / "r.json"
+    base = ["--model", "tiny", "--random-weights", "--num-tokens", "200"]
+    main(base + ["--save-stream", str(stream)])
+    main(base + ["--stream-file", str(stream), "--budget", "64", "--chunk-size", "16", "--reference-window", "64",
+                 "--policies", "full,window,streaming,h2o,int8", "--plot-dir", str(tmp_path), "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert set(r["policies"]) == {"dense recompute (64)", "full", "window", "streaming", "h2o", "int8"}
+    assert all(len(p["nll"]) == 199 and math.isfinite(p["ppl_within_context"]) for p in r["policies"].values())
+    assert (tmp_path / "long_stream_ppl.png").stat().st_size > 0 and (tmp_path / "long_stream_memory.png").exists()
+    with pytest.raises(SystemExit):
+        main(base + ["--stream-file", str(stream), "--num-tokens", "500"])  # more tokens than the file holds
