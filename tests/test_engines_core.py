@@ -182,3 +182,21 @@ def test_user_errors(tiny64):
         llm.add_request(None, list(range(3, 30)))
     with pytest.raises(UserError, match="at least one token"):
         llm.add_request(None, [])
+
+
+def test_decode_graph_buffers_equal_plain_generation(tiny64):
+    """The CUDA-graph path's static buffers and padding rows, run eagerly on CPU: same greedy tokens."""
+    from engines.ours.model_runner import ModelRunner
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    prompts = random_prompts(7, seed=4, hi=30)
+    llm = LLM(tiny64, block_size=4, num_kv_blocks=96, max_model_len=64, max_num_seqs=5)
+    llm.runner = ModelRunner(tiny64.model, 96, 4, 64, 5, cuda_graph=True)
+    graphs = llm.runner.graphs
+    assert graphs.sizes == [1, 2, 4, 5]
+    replayed = []
+    run = graphs.run
+    graphs.run = lambda ids, *rest: replayed.append(len(ids)) or run(ids, *rest)
+    out = run_staggered(llm, {0: prompts[:3], 2: prompts[3:5], 5: prompts[5:]}, params)
+    assert out == reference(tiny64, prompts, params)
+    assert {3, 5}.issubset(replayed)  # padded (3 -> 4) and full batches both ran through the buffers
+    assert_pool_full(llm)

@@ -15,7 +15,7 @@ import torch
 from core.generate import sample
 from core.model import Transformer
 from engines.ours.paged_cache import (AttentionMetadata, CachedPrefillGroup, DecodeGroup, FreshPrefillGroup,
-                                      PagedKVCache, cached_prefill_mask, decode_mask)
+                                      PagedKVCache, cached_prefill_mask)
 from engines.ours.scheduler import ScheduledBatch
 
 
@@ -29,7 +29,8 @@ class DecodeGraphs:
     """CUDA graphs of a decode step (model forward to final hidden states) for a set of padded batch sizes.
 
     Inputs live in static buffers sized for the largest batch; `run` copies a step's inputs in, resets the padding
-    rows and replays the smallest graph that fits.
+    rows and replays the smallest graph that fits. Off CUDA nothing is captured and `run` calls the model on the
+    same static buffers instead, so the buffer and padding logic is testable on a CPU.
     """
 
     def __init__(self, model: Transformer, cache: PagedKVCache, max_num_seqs: int, max_blocks: int,
@@ -44,13 +45,16 @@ class DecodeGraphs:
         self.tables = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.index = torch.arange(n, device=dev)
+        self.model, self.cache = model, cache
+        self.metadata = {size: AttentionMetadata(self.slots[:size], DecodeGroup(
+            self.index[:size], self.tables[:size], self.seq_lens[:size]), [], []) for size in self.sizes}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}
+        if dev.type != "cuda":
+            return
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            cache.metadata = AttentionMetadata(
-                self.slots[:size], DecodeGroup(self.index[:size], self.tables[:size], self.seq_lens[:size], None),
-                [], [])
+            cache.metadata = self.metadata[size]
             model.hidden_states(self.ids[:, :size], self.positions[:, :size], cache)  # warm-up (Triton compiles)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -79,14 +83,18 @@ class DecodeGraphs:
             self.slots[b:size] = self.scratch_block * self.block_size
             self.tables[b:size, 0] = self.scratch_block
             self.seq_lens[b:size] = 1
-        self.graphs[size].replay()
-        return self.hidden[size][:b]
+        if self.graphs:
+            self.graphs[size].replay()
+            return self.hidden[size][:b]
+        self.cache.metadata = self.metadata[size]
+        return self.model.hidden_states(self.ids[:, :size], self.positions[:, :size], self.cache)[0][:b]
 
 
 class ModelRunner:
     """Owns the paged cache; turns a ScheduledBatch into one forward pass and the sampled tokens.
 
-    cuda_graph: replay decode-only steps from CUDA graphs (CUDA only). use_triton: Triton decode attention
+    cuda_graph: replay decode-only steps from CUDA graphs (default: on CUDA; on a CPU, True runs the same
+    static-buffer path eagerly, for tests). use_triton: Triton decode attention
     (default: on CUDA). The pool gets one extra block beyond the allocator's, a scratch block for graph padding.
     """
 
@@ -139,8 +147,7 @@ class ModelRunner:
             flat = [x for t in tables for x in t + [0] * (width - len(t))]
             decode = DecodeGroup(torch.tensor(offsets, device=dev),
                                  torch.tensor(flat, dtype=torch.int32).view(len(tables), width).to(dev),
-                                 torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-                                 None if self.cache.use_triton else decode_mask(bs, seq_lens, width).to(dev))
+                                 torch.tensor(seq_lens, dtype=torch.int32, device=dev))
         fresh = [FreshPrefillGroup(torch.tensor(offs, device=dev)[:, None] + torch.arange(n, device=dev), n)
                  for n, offs in fresh_rows.items()]
         self.cache.metadata = AttentionMetadata(torch.tensor(slots, device=dev), decode, fresh, cached)

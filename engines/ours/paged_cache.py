@@ -22,13 +22,11 @@ from core.kv_cache import EMPTY, KVCache, attention, causal_mask
 
 @dataclass
 class DecodeGroup:
-    """token_index: long [B] flat index of each query; block_tables: int32 [B, max_blocks] (padding = any block);
-    seq_lens: int32 [B] keys to attend over, the new one included; mask: bool [B, 1, 1, S] for the gather path
-    (None on the Triton path, which needs no mask)."""
+    """token_index: long [B] flat index of each query; block_tables: int32 [B, max_blocks] (entries past a
+    sequence's blocks may be anything); seq_lens: int32 [B] keys to attend over, the new one included."""
     token_index: torch.Tensor
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
-    mask: torch.Tensor | None
 
 
 @dataclass
@@ -52,12 +50,6 @@ class AttentionMetadata:
     decode: DecodeGroup | None
     fresh: list[FreshPrefillGroup]
     cached: list[CachedPrefillGroup]
-
-
-def decode_mask(block_size: int, seq_lens: list[int], max_blocks: int) -> torch.Tensor:
-    """bool [B, 1, 1, max_blocks * block_size]: slot s of the gathered view is a real key of the sequence."""
-    s = torch.arange(max_blocks * block_size)[None]
-    return (s < torch.tensor(seq_lens)[:, None])[:, None, None]
 
 
 def cached_prefill_mask(block_size: int, start: int, length: int, num_blocks: int) -> torch.Tensor:
@@ -111,7 +103,9 @@ class PagedKVCache(KVCache):
                 tables = g.block_tables.long()
                 keys = k_pool[tables].view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
                 values = v_pool[tables].view(b, -1, hkv, d).transpose(1, 2)
-                out[g.token_index] = attention(qg[:, :, None], keys, values, g.mask)[:, :, 0]
+                # Built from seq_lens on the device, so this path too has fixed shapes for a captured graph.
+                mask = torch.arange(keys.shape[2], device=q.device) < g.seq_lens[:, None]
+                out[g.token_index] = attention(qg[:, :, None], keys, values, mask[:, None, None])[:, :, 0]
         for g in meta.fresh:
             # [B, T, H, D] -> [B, H, T, D]; the chunk's own keys are all it may see.
             qg = q_flat[g.token_index].transpose(1, 2)

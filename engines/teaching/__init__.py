@@ -1,0 +1,1 @@
+"""Teaching scripts of the engines chapter: static vs continuous batching, KV memory waste, prefix caching."""
