@@ -42,10 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engines", default="vllm,ours", help="comma list of: vllm, ours")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="float32", help="both engines (vLLM's CPU build also runs bfloat16)")
-    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-input-len", type=int, default=512, help="skip longer ShareGPT prompts")
-    p.add_argument("--max-output-len", type=int, default=128,
+    p.add_argument("--max-output-len", type=int, default=64,
                    help="every request generates this many tokens (ignore_eos); 0 = ShareGPT's own reply lengths")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256, help="ours (vLLM uses its own default)")

@@ -62,7 +62,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     lm = load_model(args.model, args.device, args.dtype, random_weights=True)
     max_num_seqs = args.max_num_seqs or DEFAULT_MAX_NUM_SEQS.get(args.model, 1024)
     t = time.perf_counter()
-    llm = LLM(lm, max_num_seqs=max_num_seqs, max_model_len=args.input_len + args.output_len + 16,
+    llm = LLM(lm, max_num_seqs=max_num_seqs, skip_tokenizer_init=True, max_model_len=args.input_len + args.output_len + 16,
               max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
               kv_cache_memory_gb=None if lm.model.embed_tokens.weight.is_cuda else 2.0)
     startup_s = time.perf_counter() - t

@@ -39,17 +39,18 @@ class LLMEngine:
 
     model: registry name, HF folder, or an already loaded `LoadedModel`. Memory: `num_kv_blocks` outright, else
     `kv_cache_memory_gb` (default 1 GiB on CPU, like VLLM_CPU_KVCACHE_SPACE), else on GPU `gpu_memory_utilization`.
-    On a GPU, decode-only steps replay CUDA graphs unless `enforce_eager` (vLLM's name).
+    On a GPU, decode-only steps replay CUDA graphs unless `enforce_eager` (vLLM's name). `skip_tokenizer_init`
+    (vLLM's name): token-id prompts only and no output text, so random-weight runs need no tokenizer files.
     """
 
     def __init__(self, model: str | LoadedModel = "smollm2-135m", device: str = "auto", dtype: str | None = None,
                  random_weights: bool = False, max_num_seqs: int = 256, max_model_len: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory_gb: float | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = False):
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False, skip_tokenizer_init: bool = False):
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, random_weights)
         cfg = self.lm.model.config
-        self.tokenizer = self.lm.tokenizer
+        self.skip_tokenizer_init = skip_tokenizer_init
         self.max_model_len = max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
             raise UserError(f"max_model_len {self.max_model_len} exceeds the model's context of "
@@ -70,6 +71,11 @@ class LLMEngine:
         self.eos_ids = set(cfg.eos_ids)
 
     @property
+    def tokenizer(self):
+        """The model's tokenizer, loaded on first use."""
+        return self.lm.tokenizer
+
+    @property
     def label(self) -> str:
         return self.lm.label
 
@@ -78,6 +84,8 @@ class LLMEngine:
         """Queue a request (text or token ids). It joins the running batch at the next step with room for it."""
         params = params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
+        if text is not None and self.skip_tokenizer_init:
+            raise UserError("this engine was started with skip_tokenizer_init: give prompts as token ids")
         ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise UserError("every prompt needs at least one token")
@@ -139,7 +147,8 @@ class LLMEngine:
 
     def output(self, seq: Sequence) -> RequestOutput:
         out = seq.output_token_ids
-        text = self.tokenizer.decode(out, skip_special_tokens=True) if seq.is_finished else ""
+        done = seq.is_finished and not self.skip_tokenizer_init
+        text = self.tokenizer.decode(out, skip_special_tokens=True) if done else ""
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, out, text, seq.is_finished,
                              seq.finish_reason, seq.metrics)
 
