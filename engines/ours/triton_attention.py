@@ -66,8 +66,8 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     block_size, hkv = k_pool.shape[1], k_pool.shape[2]
     group = h // hkv
     group_pad = triton.next_power_of_2(group)
-    # Keep a tile's [GROUP_PAD, TILE, D] product within a few thousand registers' worth per program.
-    tile = max(16, min(64, triton.next_power_of_2(max(4096 // (group_pad * d), 1))))
+    # Tiles as long as a [GROUP_PAD, TILE, D] product of ~8K floats allows: more loads in flight per program.
+    tile = max(16, min(128, triton.next_power_of_2(max(8192 // (group_pad * d), 1))))
     q = q.contiguous()
     out = torch.empty_like(q)
     _paged_decode_kernel[(b, hkv)](

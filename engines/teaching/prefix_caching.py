@@ -27,7 +27,7 @@ from benchmarks.workloads import build_workload
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(p)
-    p.add_argument("--num-prompts", type=int, default=24)
+    p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--prefix-len", type=int, default=256, help="tokens of each shared prefix")
     p.add_argument("--num-prefixes", type=int, default=2)
     p.add_argument("--input-len", type=int, default=32, help="tokens of each request's own suffix")

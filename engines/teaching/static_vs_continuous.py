@@ -38,10 +38,10 @@ def sharegpt_specs(tokenizer, num_prompts: int, seed: int, max_input_len: int, m
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(p)
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--max-num-seqs", type=int, default=8, help="batch size of both policies")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=4, help="batch size of both policies")
     p.add_argument("--max-input-len", type=int, default=256, help="skip longer ShareGPT prompts")
-    p.add_argument("--max-output-len", type=int, default=128, help="cap on ShareGPT's reply lengths")
+    p.add_argument("--max-output-len", type=int, default=64, help="cap on ShareGPT reply lengths")
     p.add_argument("--repeats", type=int, default=1, help="runs of each policy, interleaved; medians reported")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
