@@ -131,15 +131,18 @@ def main(argv: list[str] | None = None) -> None:
                                    f"{args.num_prompts} requests at {args.request_rate:g}/s (ShareGPT workload "
                                    "split): the same run seen from both ends"))
     console.print(f"harness: output_throughput {client['output_throughput']:.1f} tok/s over "
-                  f"{client['duration']:.1f} s, {client['failed']} failed")
+                  f"{client['duration']:.1f} s, {client['failed']} failed "
+                  f"{sorted({e for e in client['errors'] if e}) or ''}")
     if args.out:
         keys = list(server)
         Path(args.out).write_text(json.dumps({"client": {k: client.get(k) for k in keys + ["duration",
                                               "output_throughput", "failed"]},
                                               "server": {k: None if math.isnan(v) else v for k, v in server.items()},
                                               "model_label": client.get("model_label"),
+                                              "date": client.get("date"), "machine": client.get("machine"),
+                                              "client_errors": sorted({e for e in client["errors"] if e}),
                                               "command": "python -m optimization.monitoring.demo "
-                                                         + " ".join(argv if argv is not None else sys.argv[1:])},
+                                                         + shlex.join(argv if argv is not None else sys.argv[1:])},
                                              indent=2))
 
 
