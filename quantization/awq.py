@@ -112,12 +112,14 @@ def scale_layer(layer: nn.Module, inputs: LayerInputs, group_size: int, symmetri
 
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int, symmetric: bool, n_grid: int = 20,
-                max_shrink: float = 0.5, rows_per_batch: int = 128) -> torch.Tensor:
+                max_shrink: float = 0.5, rows_per_batch: int = 0) -> torch.Tensor:
     """Per-group clipping thresholds [N, G] for w [N, K] that minimise the error of each group's partial output.
 
-    x [tokens, K] is a sample of the Linear's inputs. Shrinks max|w| of each group by up to `max_shrink`.
+    x [tokens, K] is a sample of the Linear's inputs. Shrinks max|w| of each group by up to `max_shrink`. Rows are
+    independent; they go `rows_per_batch` at a time (0: about 16M weights a batch, few launches on a big GPU layer).
     """
     N, K = w.shape
+    rows_per_batch = rows_per_batch or max(1, (1 << 24) // K)
     xg = grouped(x.float(), group_size)  # [tokens, G, gs]
     best_max = []
     for r in range(0, N, rows_per_batch):

@@ -7,7 +7,8 @@ the current shard, free it. Peak GPU memory is one FP16 layer (1.7 GB at 70B) pl
 output is an AutoAWQ-format folder (export.py) that vLLM and `--decode` load. Then --decode runs batch-1 greedy
 decoding with the INT4 model on the one GPU and reports ms/token against its bandwidth floor.
 
-    python -m quantization.awq_70b --random-weights --output-dir /tmp/llama2-70b-awq --decode    # H100
+    python -m quantization.awq_70b --random-weights --output-dir /tmp/llama2-70b-awq --decode    # H100, all 80 layers
+    python -m quantization.awq_70b --random-weights --num-layers 4 --output-dir /tmp/l70   # time per layer, peak memory
     python -m quantization.awq_70b --model tiny --random-weights --device cpu --output-dir /tmp/tiny-awq --decode
 """
 from __future__ import annotations
@@ -118,7 +119,8 @@ def quantize_streaming(src: LayerSource, ids: torch.Tensor, output_dir: Path, gr
         for f in src.folder.iterdir():
             if f.is_file() and ("token" in f.name or f.name in ("chat_template.jinja", "generation_config.json")):
                 (output_dir / f.name).write_bytes(f.read_bytes())
-    return {"quantize_s": time.perf_counter() - t0, "shards": shard_index,
+    seconds = time.perf_counter() - t0
+    return {"quantize_s": seconds, "s_per_layer": seconds / num_layers, "shards": shard_index,
             "checkpoint_gb": sum(f.stat().st_size for f in output_dir.glob("*.safetensors")) / 1e9}
 
 
@@ -205,6 +207,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{row['quantize_s']:.0f} s; peak GPU {row['quantize_peak_gpu_mb']:.0f} MB, peak CPU RSS "
               f"{row['quantize_peak_rss_mb']:.0f} MB; checkpoint {row['checkpoint_gb']:.2f} GB in {row['shards']} "
               f"shards at {args.output_dir}")
+        if n < c.num_layers:
+            row["estimated_all_layers_s"] = row["s_per_layer"] * c.num_layers
+            print(f"  {row['s_per_layer']:.1f} s per layer: all {c.num_layers} layers would take about "
+                  f"{row['estimated_all_layers_s'] / 60:.0f} min (peak memory does not grow with the layer count)")
     if args.decode or args.decode_only:
         row.update(decode(args.output_dir, args.device, args.max_tokens, args.prompt_len))
         line = (f"INT4 decode, batch 1, on {row['device']}: packed weights {row['packed_weights_gb']:.2f} GB, "

@@ -26,22 +26,24 @@ from core.errors import UserError, cli
 from core.generate import SamplingParams, generate
 from core.loading import LoadedModel, load_model, resolve_device
 from core.measure import gpu_peak_mb
-from core.model import Transformer
+from core.model import DecoderLayer, Transformer
 from core.registry import REGISTRY
 from quantization.linear import LAYER_LINEARS, pick_group_size, quantize_linear, set_module, weight_bytes
 
+MAX_KERNEL_ERROR = 2e-2  # bfloat16 rounding stays well below; any layout bug is far above
 DEFAULT_CONFIGS = "bf16,bf16:compile,int8:dequant,int8:torch,int8:dequant:compile,int4:dequant,int4:torch"
 
 
-def build(model_name: str, device: str, precision: str, backend: str, group_size: int) -> LoadedModel:
+def build(model_name: str, device: str, precision: str, backend: str, group_size: int
+          ) -> tuple[LoadedModel, float]:
     """Random weights of the model's shape, BF16 or quantized with our modules.
 
     Quantized models are built one decoder layer at a time (random BF16 layer on the device, quantize, next), so the
     peak is the quantized model plus one BF16 layer: Llama-2-70B runs at INT4 (about 37 GB) on one 80 GB GPU although
-    its BF16 weights (138 GB) never fit.
+    its BF16 weights (138 GB) never fit. Returns the model and the largest `kernel_error` of layer 0's projections.
     """
     if precision == "bf16":
-        return load_model(model_name, device, "bfloat16", random_weights=True)
+        return load_model(model_name, device, "bfloat16", random_weights=True), 0.0
     spec = REGISTRY.get(model_name)
     if spec is None:
         raise UserError(f"gpu_bench takes a registered model name ({', '.join(REGISTRY)}), got {model_name!r}")
@@ -55,23 +57,39 @@ def build(model_name: str, device: str, precision: str, backend: str, group_size
     finally:
         torch.set_default_dtype(previous)
     gs = pick_group_size(model, group_size)
+    errors = []
     for module in [*model.layers, model.embed_tokens, model.norm, model.lm_head]:
         module.to_empty(device=dev)
         with torch.no_grad():
             for name, p in module.named_parameters():
                 p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
-        if module in model.layers:
-            for name in LAYER_LINEARS:
-                q = quantize_linear(module.get_submodule(name), precision, gs)
-                q.backend = backend
-                if precision == "int4" and backend == "torch":
-                    q.use_kernel_only()  # the kernel's layout replaces ours: weight bytes counted once
-                set_module(module, name, q)
+        if not isinstance(module, DecoderLayer):
+            continue
+        for name in LAYER_LINEARS:
+            q = quantize_linear(module.get_submodule(name), precision, gs)
+            q.backend = backend
+            if module is model.layers[0]:
+                errors.append(kernel_error(q))
+            if precision == "int4" and backend == "torch":
+                q.use_kernel_only()  # the kernel's layout replaces ours: weight bytes counted once
+            set_module(module, name, q)
     if spec.config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    return LoadedModel(model.eval(), model_name, True, None)
+    return LoadedModel(model.eval(), model_name, True, None), max(errors)
+
+
+@torch.no_grad()
+def kernel_error(q: torch.nn.Module) -> float:
+    """Relative error of a quantized module's output against x @ W_dequantized^T in float32, for a random x [4, K].
+
+    The check GPU runs make without pytest: a wrong packing or layout gives errors near 1, bfloat16 arithmetic ~1e-2.
+    """
+    w = q.dequantized_weight()
+    x = torch.randn(4, q.in_features, device=w.device, dtype=torch.bfloat16)
+    ref = x.float() @ w.float().T + (0 if q.bias is None else q.bias.float())
+    return ((q(x).float() - ref).norm() / ref.norm()).item()
 
 
 def decode_ms(lm, prompt_len: int, max_tokens: int, repeats: int, cuda_graph: bool, compile: bool) -> float:
@@ -117,10 +135,12 @@ def main(argv: list[str] | None = None) -> None:
         if precision not in ("bf16", "int8", "int4"):
             raise UserError(f"unknown precision in {config!r} (bf16, int8, int4)")
         t0 = time.perf_counter()
-        lm = build(args.model, str(device), precision, backend, args.group_size)
+        lm, err = build(args.model, str(device), precision, backend, args.group_size)
         nbytes = weight_bytes(lm.model)
-        row = {"config": config, "model": lm.label, "weight_gb": nbytes / 1e9}
+        row = {"config": config, "model": lm.label, "weight_gb": nbytes / 1e9, "kernel_rel_error": err}
         try:
+            if err > MAX_KERNEL_ERROR:
+                raise RuntimeError(f"WRONG RESULT: relative error {err:.3f} against the dequantized weights")
             ms = decode_ms(lm, args.prompt_len, args.max_tokens, args.repeats, cuda_graph, compile)
             row.update(tpot_ms=ms, floor_ms=nbytes / (bandwidth * 1e9) * 1e3,
                        fraction_of_copy_bandwidth=nbytes / (ms / 1e3) / (bandwidth * 1e9))
@@ -139,12 +159,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{rows[0]['model'].split(' [')[0]} [RANDOM weights], batch 1, prompt {args.prompt_len}, "
           f"{args.max_tokens} tokens, {device_name}, copy bandwidth {bandwidth:.0f} GB/s, "
           f"CUDA graphs {'on' if cuda_graph else 'off'}, torch {torch.__version__}")
-    head = f"{'config':<24}{'weights GB':>11}{'ms/token':>10}{'floor ms':>10}{'of copy BW':>12}{'peak GPU MB':>13}"
+    head = (f"{'config':<24}{'weights GB':>11}{'ms/token':>10}{'floor ms':>10}{'of copy BW':>12}{'peak GPU MB':>13}"
+            f"{'kernel err':>12}")
     print(head + "\n" + "-" * len(head))
     for r in rows:
         if "tpot_ms" in r:
             print(f"{r['config']:<24}{r['weight_gb']:>11.2f}{r['tpot_ms']:>10.2f}{r['floor_ms']:>10.2f}"
-                  f"{r['fraction_of_copy_bandwidth']:>12.0%}{r['peak_gpu_mb']:>13.0f}")
+                  f"{r['fraction_of_copy_bandwidth']:>12.0%}{r['peak_gpu_mb']:>13.0f}{r['kernel_rel_error']:>12.1e}")
         else:
             print(f"{r['config']:<24}{r['weight_gb']:>11.2f}  {r['error']}")
     if args.out:

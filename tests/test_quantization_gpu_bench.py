@@ -8,9 +8,10 @@ from quantization.linear import LAYER_LINEARS, Int4Linear, Int8Linear, weight_by
 
 
 def test_streamed_build_quantizes_every_projection():
-    bf16 = build("tiny", "cpu", "bf16", "dequant", 32)
+    bf16, _ = build("tiny", "cpu", "bf16", "dequant", 32)
     for precision, cls in (("int8", Int8Linear), ("int4", Int4Linear)):
-        lm = build("tiny", "cpu", precision, "torch", 32)
+        lm, err = build("tiny", "cpu", precision, "torch", 32)
+        assert err < 2e-2  # the kernel against the dequantized weights
         mods = [layer.get_submodule(n) for layer in lm.model.layers for n in LAYER_LINEARS]
         assert all(isinstance(m, cls) and m.backend == "torch" for m in mods)
         assert lm.random_weights and weight_bytes(lm.model) < weight_bytes(bf16.model)
@@ -25,3 +26,19 @@ def test_cli_runs_on_cpu(tmp_path, capsys):
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [r["config"] for r in rows] == ["bf16", "int4:torch"] and all("tpot_ms" in r for r in rows)
     assert "of copy BW" in capsys.readouterr().out
+
+
+def test_kernel_check_catches_a_wrong_layout():
+    import copy
+
+    from quantization.gpu_bench import kernel_error
+
+    torch.manual_seed(0)
+    q = Int4Linear.from_linear(torch.nn.Linear(256, 64).to(torch.bfloat16), 64)
+    q.backend = "torch"
+    assert kernel_error(q) < 2e-2
+    bad = copy.deepcopy(q)
+    bad._kernel = None
+    bad.qweight.copy_((bad.qweight << 4) | (bad.qweight >> 4))  # a layout bug: the two codes of each byte swapped
+    q._kernel = bad._kernel_weights(torch.device("cpu"))
+    assert kernel_error(q) > 0.3
