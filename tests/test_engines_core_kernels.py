@@ -47,16 +47,34 @@ def check_kernel(heads: int, kv_heads: int, head_dim: int, block_size: int, dev:
     torch.testing.assert_close(out, gathered_attention(q, k_pool, v_pool, tables, lens), atol=1e-5, rtol=1e-5)
 
 
+def check_engine_with_triton() -> None:
+    """The whole GPU decode path (Triton attention + graph buffers with padding rows, replayed eagerly) inside the
+    engine, staggered arrivals: same greedy tokens as the plain decode loop (tiny model, float64)."""
+    from core.generate import generate
+    from core.loading import load_model
+    from engines.ours.model_runner import ModelRunner
+    lm = load_model("tiny", "cpu", torch.float64, random_weights=True)
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 49152) for _ in range(rng.randint(3, 30))] for _ in range(7)]
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    llm = LLM(lm, block_size=4, num_kv_blocks=96, max_model_len=64, max_num_seqs=5)
+    llm.runner = ModelRunner(lm.model, 96, 4, 64, 5, cuda_graph=True, use_triton=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [generate(lm.model, [p], params).tokens[0] for p in prompts]
+    assert llm.block_manager.num_free_blocks == 96
+
+
 SHAPES = [(9, 3, 64, 16), (4, 4, 32, 4), (8, 2, 16, 1), (32, 32, 128, 16)]
 
 
 def test_triton_paged_decode_matches_plain_attention_interpreted():
-    """Triton's CPU interpreter runs the same kernel code; it must be switched on before Triton is imported, so the
-    check runs in a fresh process."""
+    """Triton's CPU interpreter runs the same kernel code (alone, then inside the engine); it must be switched on
+    before Triton is imported, so the check runs in a fresh process."""
     pytest.importorskip("triton")
     code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
-            "from test_engines_core_kernels import check_kernel, SHAPES\n"
-            "for shape in SHAPES: check_kernel(*shape, 'cpu')\n")
+            "from test_engines_core_kernels import check_kernel, check_engine_with_triton, SHAPES\n"
+            "for shape in SHAPES: check_kernel(*shape, 'cpu')\n"
+            "check_engine_with_triton()\n")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
