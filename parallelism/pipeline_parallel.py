@@ -202,6 +202,28 @@ def build_stage_random(name: str, rank: int, world: int, device: torch.device,
     return stage.eval(), f"{name} [RANDOM weights (speed only), {str(dtype).removeprefix('torch.')}, {device.type}]"
 
 
+def plot_timeline(timelines: list[list[tuple]], path: str, title: str) -> None:
+    """The stage timeline as a Gantt chart PNG: one row per stage, one colour per micro-batch, prefill hatched."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = min(t[0] for tl in timelines for t in tl)
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(12, 1 + 0.6 * len(timelines)))
+    for s, tl in enumerate(timelines):
+        for a, b, step, m in tl:
+            ax.barh(s, (b - a) * 1e3, left=(a - start) * 1e3, color=colours(m % 10), hatch="//" if step == 0 else None,
+                    edgecolor="black" if step == 0 else None, linewidth=0.3)
+    ax.set_yticks(range(len(timelines)), [f"stage {s}" for s in range(len(timelines))])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms (hatched: prefill; colour: micro-batch; white: idle)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def pp_generate(name: str, prompts: list[list[int]], max_tokens: int, num_microbatches: int = 1,
                 device: str = "cpu", dtype: str | None = "float32", random_weights: bool = False) -> dict:
     """One rank's work: load, keep this stage's layers, run the schedule. Call inside a process group."""
@@ -230,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--timeline-steps", type=int, default=3, help="steps shown in the zoomed timeline")
     parser.add_argument("--out", help="write the measurements as JSON")
+    parser.add_argument("--plot", help="write the timeline as a PNG here")
     args = parser.parse_args(argv)
     if args.max_tokens < 1:
         raise UserError("--max-tokens must be >= 1")
@@ -258,6 +281,10 @@ def main(argv: list[str] | None = None) -> None:
         new_tokens = args.batch_size * args.max_tokens
         print(f"\nbubble fraction {bubble_fraction(timelines):.0%}; {new_tokens} tokens in {span:.2f} s = "
               f"{new_tokens / span:.1f} output tokens/s (prefill included)")
+        if args.plot:
+            plot_timeline(timelines, args.plot, f"{r['label']}: {world} stages, batch {args.batch_size} in {mbs} "
+                                                f"micro-batches, bubble {bubble_fraction(timelines):.0%}")
+            print(f"wrote {args.plot}")
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"model": r["label"], "pipeline_parallel_size": world, "num_microbatches": mbs,
