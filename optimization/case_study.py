@@ -135,7 +135,7 @@ def table_rows(report: dict) -> list[dict]:
             continue
         inf, at_sat = run_at(res, math.inf), run_at(res, sat)
         quality = f"ppl {res['perplexity']:.3f}" if res.get("perplexity") else ""
-        if name in ("paged-continuous", FINAL) and "awq-int4" in steps:
+        if name in ("paged-continuous", FINAL, "speculative") and "awq-int4" in steps:
             quality = (quality + "; " if quality else "") + identical_greedy(res, steps["awq-int4"]) + " vs awq-int4"
         memory = res["gpu_peak_mb"] if res.get("gpu_peak_mb") and not math.isnan(res["gpu_peak_mb"]) else \
             res["peak_rss_mb"]

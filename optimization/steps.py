@@ -5,13 +5,16 @@ peak memory is its own. A step loads its model, serves the same workload at each
     awq-int4          + AWQ INT4 weights (our model; static batches)
     paged-continuous  + our engine: paged KV cache, continuous batching (same max batch as the baseline)
     tuned-batching    + batching tuned: the engine setting with the highest throughput from a small sweep
+    speculative       INT4 + prompt-lookup speculative decoding, one request at a time (our engine does not batch
+                      speculation yet): it shows what speculation buys a lone request and costs a loaded server
     vllm              the same workload on vLLM (its own quantization left off: BF16/FP32 weights), for comparison
 """
 from __future__ import annotations
 
+import gc
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,12 +28,13 @@ from benchmarks.backends.base import RequestRecord, RequestSpec
 from benchmarks.metrics import summarize
 from optimization.online import serve_continuous, serve_static
 
-STEPS = ("baseline", "awq-int4", "paged-continuous", "tuned-batching", "vllm")
+STEPS = ("baseline", "awq-int4", "paged-continuous", "tuned-batching", "speculative", "vllm")
 DESCRIPTIONS = {
     "baseline": "transformers generate, static batches",
     "awq-int4": "+ AWQ INT4 weights (ours, static batches)",
     "paged-continuous": "+ paged KV cache, continuous batching",
     "tuned-batching": "+ batching tuned (max seqs, token budget)",
+    "speculative": "INT4 + prompt-lookup speculation, batch 1",
     "vllm": "vLLM on the same workload (comparison)",
 }
 
@@ -74,8 +78,32 @@ def _ours_static_runner(lm: LoadedModel):
     return run_batch
 
 
+def _speculative_runner(lm: LoadedModel, k: int = 8):
+    """One request at a time through prompt-lookup speculative decoding (greedy: the same tokens as plain decoding);
+    the tokens a verification pass accepts arrive together, as a streamed chunk would."""
+    from speculative.common import speculative_generate
+    from speculative.prompt_lookup import PromptLookupProposer
+
+    def run_batch(specs: list[RequestSpec]) -> list[RequestRecord]:
+        records = []
+        for spec in specs:
+            ids = spec.prompt_ids if spec.prompt_ids is not None else lm.tokenizer(spec.prompt).input_ids
+            params = SamplingParams(max_tokens=spec.output_len, ignore_eos=spec.ignore_eos)
+            t0, stamps = time.perf_counter(), []
+            result = speculative_generate(lm.model, ids, params, PromptLookupProposer(3, 1), k,
+                                          on_step=lambda emitted: stamps.extend([time.perf_counter()] * len(emitted)))
+            stamps.insert(0, t0 + result.ttft_s)
+            n = min(spec.output_len, len(result.tokens))
+            records.append(RequestRecord.from_token_times(
+                spec, t0, stamps[:n], lm.tokenizer.decode(result.tokens[:n], skip_special_tokens=True)))
+        return records
+
+    return run_batch
+
+
 def _quantized_model(cfg: StepConfig, dtype: str) -> tuple[LoadedModel, str]:
-    """The INT4 model every step after the baseline serves: quantized once, then reloaded from cfg.quantized_path."""
+    """The INT4 model every step after the baseline serves. AWQ runs once and later steps reload its result from
+    cfg.quantized_path; RTN is redone each time."""
     from quantization.awq import awq_model
     from quantization.layerwise import calibration_ids
     from quantization.linear import pick_group_size, quantize_model, set_backend
@@ -85,14 +113,14 @@ def _quantized_model(cfg: StepConfig, dtype: str) -> tuple[LoadedModel, str]:
     method = "rtn" if cfg.quant == "rtn" else "awq"
     notes = (f"RTN INT4 g{group}" if method == "rtn" else
              f"AWQ INT4 g{group}, {cfg.calib_samples}x256 calibration tokens")
-    if cfg.quantized_path.exists():
+    if method == "rtn":  # cheap and deterministic: redone in every step rather than saved
+        quantize_model(lm.model, "int4", group)
+    elif cfg.quantized_path.exists():
         lm.model = torch.load(cfg.quantized_path, map_location=resolve_device(cfg.device), weights_only=False)
     else:
-        if method == "rtn":
-            quantize_model(lm.model, "int4", group)
-        else:
-            ids = calibration_ids(lm.tokenizer, cfg.calib_samples, 256)
-            awq_model(lm.model, ids.to(next(lm.model.parameters()).device), group)
+        ids = calibration_ids(lm.tokenizer, cfg.calib_samples, 256)
+        # the grid searches on 8 samples keep a CPU run to minutes; every sample still flows through the layers
+        awq_model(lm.model, ids.to(next(lm.model.parameters()).device), group, search_samples=8)
         torch.save(lm.model, cfg.quantized_path)
     set_backend(lm.model, "torch")  # PyTorch's packed INT4 kernels (tinygemm on CUDA, its twin on CPU)
     return lm, notes
@@ -127,7 +155,12 @@ def _weights_mb(model: torch.nn.Module) -> float:
 
 
 def _serve_all(cfg: StepConfig, serve) -> list[dict]:
-    """serve(specs, arrivals) -> (records, duration) at every rate; one summary (plus records) per rate."""
+    """serve(specs, arrivals) -> (records, duration) at every rate; one summary (plus records) per rate.
+
+    Two short requests go first, unrecorded, as in vLLM's benchmark: the first calls of a fresh process load
+    kernels (and on a GPU may compile some), which is start-up, not serving."""
+    warmup = [replace(s, output_len=min(s.output_len, 4)) for s in cfg.specs[:2]]
+    serve(warmup, [0.0] * len(warmup))
     out = []
     for rate in cfg.rates:
         arrivals = arrival_times(len(cfg.specs), rate, seed=cfg.seed)
@@ -144,7 +177,9 @@ def _engine(lm: LoadedModel, cfg: StepConfig, max_num_seqs: int, budget: int):
     from engines.ours import LLM
 
     max_len = max(s.prompt_len + s.output_len for s in cfg.specs) + 16
-    return LLM(lm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_len)
+    # One engine serves every rate in turn: prefix caching off, or a rerun would find its prompts already cached.
+    return LLM(lm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_len,
+               enable_prefix_caching=False)
 
 
 def run_step(name: str, cfg: StepConfig) -> dict:
@@ -181,12 +216,17 @@ def run_step(name: str, cfg: StepConfig) -> dict:
         runs = _serve_all(cfg, lambda specs, arr: serve_static(_ours_static_runner(lm), specs, arr,
                                                                cfg.max_batch_size))
     elif name == "paged-continuous":
-        runs = _serve_all(cfg, lambda specs, arr: serve_continuous(
-            _engine(lm, cfg, cfg.max_batch_size, 2048), specs, arr))
+        engine = _engine(lm, cfg, cfg.max_batch_size, 2048)
+        runs = _serve_all(cfg, lambda specs, arr: serve_continuous(engine, specs, arr))
     elif name == "tuned-batching":
         best = _tune(lm, cfg)
         notes += f"; max_num_seqs={best[0]}, max_num_batched_tokens={best[1]}"
-        runs = _serve_all(cfg, lambda specs, arr: serve_continuous(_engine(lm, cfg, *best), specs, arr))
+        engine = _engine(lm, cfg, *best)
+        runs = _serve_all(cfg, lambda specs, arr: serve_continuous(engine, specs, arr))
+    elif name == "speculative":
+        if lm.random_weights:
+            return {"step": name, "skipped": "random weights: no draft would ever be accepted"}
+        runs = _serve_all(cfg, lambda specs, arr: serve_static(_speculative_runner(lm), specs, arr, 1))
     else:
         raise ValueError(f"unknown step {name!r}")
     return {"step": name, "label": lm.label, "dtype": dtype, "notes": notes, "weights_mb": weights,
@@ -198,10 +238,15 @@ def _tune(lm: LoadedModel, cfg: StepConfig) -> tuple[int, int]:
     best, best_tput = cfg.tuning[0], -1.0
     zero = [0.0] * len(cfg.specs)
     for setting in cfg.tuning:
-        records, duration = serve_continuous(_engine(lm, cfg, *setting), cfg.specs, zero)
+        engine = _engine(lm, cfg, *setting)
+        records, duration = serve_continuous(engine, cfg.specs, zero)
         tput = sum(r.output_len for r in records if r.success) / duration
         if tput > best_tput:
             best, best_tput = setting, tput
+        del engine, records  # one engine's KV cache at a time (on a GPU each takes most of the free memory)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return best
 
 

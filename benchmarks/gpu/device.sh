@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The GPU runs behind the chapter READMEs' H100 tables, in the order the lent machine takes them.
+#
+# The lent GPU machine has torch, transformers and triton but no vLLM, no default model and no ShareGPT package,
+# and each call carries at most 64 MiB. So the kits (../shared/device/vllm-kit, smollm2-kit) are split into parts
+# under .device-kit/ and staged over calls made back to back; every call runs this script with the next stage,
+# which first unpacks whatever parts have arrived, then runs that stage's measurements:
+#
+#   stage  carry                                              runs
+#   a      .device-kit/part-aa                                quantization kernels, 70B INT4, streamed 70B AWQ
+#   b      .device-kit/part-ab                                parallelism TP=1 baseline
+#   c      .device-kit/part-ac .device-kit/smollm2-aa         our engine vs vLLM (offline, batch 1)
+#   d      .device-kit/smollm2-ab .device-kit/workload-1024x512.json   case study, Llama-2-7B shape (random)
+#   e      kvcache/results/stream_eval_32768.json             speculative decoding (ours, vLLM's), KV-cache policies
+#   f      (nothing)                                          serving (ours vs vLLM over HTTP), case study on the default model
+#
+#   bash benchmarks/gpu/device.sh STAGE        # on the GPU machine, from the repository root; logs go to $OUT
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT" /root/vk /root/models
+
+# Stage the kit parts that came with this call; unpack a kit once all its parts are there.
+cp .device-kit/part-* /root/vk/ 2>/dev/null
+cp .device-kit/smollm2-* /root/models/ 2>/dev/null
+if [ ! -d /root/vk/site ] && [ -e /root/vk/part-aa ] && [ -e /root/vk/part-ab ] && [ -e /root/vk/part-ac ]; then
+  (cd /root/vk && cat part-* | xz -d -T0 | tar xf - && rm part-*)
+fi
+GGUF=/root/models/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -e "$GGUF" ] && [ -e /root/models/smollm2-aa ] && [ -e /root/models/smollm2-ab ]; then
+  cat /root/models/smollm2-a? > "$GGUF" && rm /root/models/smollm2-a?
+fi
+if [ -d .device-kit/wheels ] && [ ! -d /root/wheels ]; then  # ../shared/device/wheels-kit gguf==0.19.0
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /root/wheels .device-kit/wheels/*.whl
+fi
+export PYTHONPATH=/root/wheels HF_HUB_OFFLINE=1
+if [ -d /root/vk/site ]; then export PYTHONPATH=/root/wheels:/root/vk/site VLLM_USE_FLASHINFER_SAMPLER=0; fi
+if [ -e "$GGUF" ]; then export LLMIP_SMOLLM2_GGUF=$GGUF; fi
+export NCCL_NVLS_ENABLE=0
+WORKLOAD=.device-kit/workload-1024x512.json   # ShareGPT workload split, saved on a CPU machine by the case study
+[ -e "$WORKLOAD" ] && cp "$WORKLOAD" /root/models/ ; WORKLOAD=/root/models/workload-1024x512.json
+
+# run NAME SECONDS CMD...: one measurement, its full log in $OUT/NAME.log, its tail here.
+run() {
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date -u +%H:%M:%S)): $*"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "--- $name rc=$? ($(date -u +%H:%M:%S))"
+  tail -n 25 "$OUT/$name.log"
+}
+
+case "${1:-}" in
+  smoke)  # a quick check of the GPU code paths (gguf wheel + default model staged), before the real runs
+    run smoke_engine 150 python -m engines.gpu_bench --engines ours --num-requests 64 --out "$OUT/smoke_engine.json"
+    run smoke_case 240 python -m optimization --model llama2-7b --random-weights --device cuda \
+      --workload-file "$WORKLOAD" --num-prompts 16 --max-output-len 32 --curve 1 --out-dir "$OUT/smoke_case"
+    ;;
+  a)
+    run quant_7b 150 python -m quantization.gpu_bench --model llama2-7b \
+      --configs bf16,int8:torch,int8:dequant:compile,int4:torch,int4:dequant --max-tokens 64 --repeats 3 \
+      --out "$OUT/quant_gpu_7b.json"
+    run quant_70b 120 python -m quantization.gpu_bench --model llama2-70b --configs int4:torch --max-tokens 64 \
+      --repeats 2 --out "$OUT/quant_gpu_70b.json"
+    run awq_70b 150 python -m quantization.awq_70b --random-weights --num-layers 4 --output-dir /tmp/l70-awq \
+      --out "$OUT/quant_awq70b.json"
+    ;;
+  b)
+    run tp1_7b 120 python -m parallelism.scaling --device cuda --model llama2-7b --random-weights \
+      --tensor-parallel-sizes 1 --input-len 512 --max-tokens 64 --out "$OUT/tp_llama2-7b_1gpu.json"
+    ;;
+  c)
+    run engines 540 python -m engines.gpu_bench --out "$OUT/gpu_bench.json"
+    ;;
+  d)
+    run case_7b 560 python -m optimization --model llama2-7b --random-weights --device cuda \
+      --workload-file "$WORKLOAD" --num-prompts 64 --max-output-len 128 --curve 1 --out-dir "$OUT/case_7b"
+    ;;
+  e)
+    mkdir -p speculative/results
+    run spec_ours 150 python -m speculative.benchmark --device cuda --dtype float32 \
+      --prompts speculative/prompts_eval.json --num-prompts 2 --max-tokens 128 \
+      --out "$OUT/spec_benchmark_h100.json" --plot "$OUT/spec_speedup_vs_k_h100.png"
+    run spec_vllm 150 python -m speculative.vllm_spec --methods ngram,draft,medusa \
+      --prompts speculative/prompts_eval.json --num-prompts 2 --max-tokens 128 --enforce-eager \
+      --out "$OUT/spec_vllm_h100.json"
+    run kv_20k 150 python -m kvcache.long_stream --device cuda --stream-file kvcache/results/stream_eval_32768.json \
+      --num-tokens 20480 --budget 1024 --reference-window 2048 --policies full,window,streaming,h2o,int8 \
+      --plot-dir "$OUT/kvcache_20k" --out "$OUT/kvcache_long_stream_20k.json"
+    run kv_5k 100 python -m kvcache.long_stream --device cuda --stream-file kvcache/results/stream_eval_32768.json \
+      --num-tokens 5120 --budget 1024 --reference-window 2048 --policies full,window,streaming,h2o,int8 \
+      --bin-size 128 --plot-dir "$OUT/kvcache_5k" --out "$OUT/kvcache_long_stream_5k.json"
+    ;;
+  f)
+    run serving 200 python -m engines.vllm.serve --engines ours,vllm --random-weights --device cuda \
+      --dtype bfloat16 --max-model-len 2048 --max-num-seqs 256 --dataset-name random --random-input-len 256 \
+      --random-output-len 128 --random-range-ratio 0.5 --num-prompts 600 --request-rate 32 --no-progress \
+      --log-dir "$OUT/serve_logs" --result-dir "$OUT/serve_results"
+    run case_smollm2 360 python -m optimization --device cuda --workload-file "$WORKLOAD" --num-prompts 64 \
+      --max-output-len 128 --curve 1 --out-dir "$OUT/case_smollm2"
+    ;;
+  *)
+    echo "usage: bash benchmarks/gpu/device.sh a|b|c|d|e|f (see the table at the top)"; exit 2 ;;
+esac
