@@ -45,6 +45,16 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     return rank, world, dev
 
 
+def rank_zero_first(fn: Callable[[], Any]) -> Any:
+    """fn() on rank 0, then on the others: a one-time cache fill (converting the default model) done by one process."""
+    if dist.get_rank() == 0:
+        result = fn()
+    dist.barrier()
+    if dist.get_rank() != 0:
+        result = fn()
+    return result
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work so a wall-clock timer measures it (a no-op on CPU)."""
     if device.type == "cuda":

@@ -27,7 +27,7 @@ from core.loading import load_model, load_tokenizer, resolve_dtype
 from core.measure import gpu_peak_mb, peak_rss_mb
 from core.model import Transformer
 from core.registry import REGISTRY
-from parallelism.comm import init_distributed, sync
+from parallelism.comm import init_distributed, rank_zero_first, sync
 from parallelism.tensor_parallel import split_evenly, table
 
 
@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
 
     rank, world, dev = init_distributed(args.device)
     mbs = args.num_microbatches or min(world, args.batch_size)
-    prompts = [chat_prompt(load_tokenizer(None), args.prompt)] * args.batch_size
+    tokenizer = rank_zero_first(lambda: load_tokenizer(None))  # presets borrow the default model's tokenizer
+    prompts = [chat_prompt(tokenizer, args.prompt)] * args.batch_size
     r = pp_generate(args.model, prompts, args.max_tokens, mbs, str(dev), args.dtype, args.random_weights)
     everyone = [None] * world
     dist.all_gather_object(everyone, {k: v for k, v in r.items() if k not in ("logits", "tokens")})
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     if world > 1:
         dist.barrier()
     if rank == world - 1:
-        print(f"text of row 0: {load_tokenizer(None).decode(r['tokens'][0])!r}")
+        print(f"text of row 0: {tokenizer.decode(r['tokens'][0])!r}")
     dist.destroy_process_group()
 
 

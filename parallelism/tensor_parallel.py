@@ -35,7 +35,7 @@ from core.loading import load_model, load_tokenizer, resolve_dtype
 from core.measure import gpu_peak_mb, peak_rss_mb
 from core.model import Transformer
 from core.registry import REGISTRY
-from parallelism.comm import init_distributed, sync
+from parallelism.comm import init_distributed, rank_zero_first, sync
 from parallelism.planner import HARDWARE, model_config, plan
 
 
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--check compares with the unsharded model's trained weights: drop --random-weights")
 
     rank, world, dev = init_distributed(args.device)
-    tokenizer = load_tokenizer(None)  # registry presets borrow the default model's tokenizer
+    tokenizer = rank_zero_first(lambda: load_tokenizer(None))  # presets borrow the default model's tokenizer
     if args.input_len:  # token ids from the middle of the vocabulary, the same on every rank
         prompt = [(1000 + 7 * i) % 30000 + 100 for i in range(args.input_len)]
     else:
