@@ -68,7 +68,8 @@ def launch(engine: str, args: argparse.Namespace, log: Path) -> Iterator[tuple[s
         from engines.llamacpp.offline import resolve_gguf
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(resolve_gguf(args.model)),
                "--model_alias", args.model, "--host", "127.0.0.1", "--port", str(port),
-               "--n_ctx", str(args.max_model_len)]
+               "--n_ctx", str(args.max_model_len),
+               "--interrupt_requests", "False"]  # its default: a new request cuts off the one streaming
     else:
         cmd = [sys.executable, "-m", "engines.ours.server", "--model", args.model, "--device", args.device,
                "--dtype", args.dtype, "--disable-uvicorn-access-log", *common]
