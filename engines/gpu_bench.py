@@ -197,11 +197,14 @@ def main(argv: list[str] | None = None) -> None:
     skip = {"--engines", "--models", "--out", "--timeout"}
     args.passthrough = [a for i, a in enumerate(argv) if a not in skip and (i == 0 or argv[i - 1] not in skip)
                         and not any(a.startswith(s + "=") for s in skip)]
-    rows = [run_in_subprocess(e, m, args) for m in args.model_list for e in args.engine_list]
-    print_table(rows, args)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "passthrough"},
-                                              "results": rows}, indent=2))
+    rows = []
+    for m in args.model_list:
+        for e in args.engine_list:
+            rows.append(run_in_subprocess(e, m, args))
+            print_table(rows, args)
+            if args.out:  # after every row: a run cut short still leaves what it measured
+                Path(args.out).write_text(json.dumps(
+                    {"args": {k: v for k, v in vars(args).items() if k != "passthrough"}, "results": rows}, indent=2))
 
 
 if __name__ == "__main__":
