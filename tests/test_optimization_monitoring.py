@@ -133,6 +133,27 @@ other_metric_total 7
         window(restarted, s)
 
 
+def test_parse_reads_vllm_names_and_escaped_colons():
+    text = """
+# TYPE vllm:generation_tokens counter
+vllm:generation_tokens_total{model_name="m"} 12
+# TYPE vllm:request_time_per_output_token_seconds histogram
+vllm:request_time_per_output_token_seconds_bucket{le="0.1",model_name="m"} 1
+vllm:request_time_per_output_token_seconds_bucket{le="+Inf",model_name="m"} 2
+vllm:request_time_per_output_token_seconds_count{model_name="m"} 2
+# TYPE vllm:inter_token_latency_seconds histogram
+vllm:inter_token_latency_seconds_bucket{le="+Inf",model_name="m"} 50
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{model_name="m"} 0.125
+# TYPE llmip_num_requests_running gauge
+llmip_num_requests_running 3
+"""
+    s = parse(text, 0.0)
+    assert s.values == {"llmip:generation_tokens_total": 12, "llmip:kv_cache_usage_perc": 0.125,
+                        "llmip:num_requests_running": 3}
+    assert s.buckets == {"llmip:time_per_output_token_seconds": [(0.1, 1), (math.inf, 2)]}  # not inter-token
+
+
 def test_window_keeps_the_last_seconds():
     w = live.Window(seconds=3)
     assert w.stats() is None

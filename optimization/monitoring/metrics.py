@@ -37,10 +37,23 @@ class Scrape:
     buckets: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
 
+# vLLM's names for the same quantities (vLLM 0.32's v1 metrics), so the live view also reads a vLLM server. Its
+# per-request TPOT is `request_time_per_output_token_seconds`; other vLLM series are ignored.
+VLLM_NAMES = {"vllm:request_time_per_output_token_seconds": "llmip:time_per_output_token_seconds",
+              **{n.replace("llmip:", "vllm:"): n for n in SERVER_METRICS if n != "llmip:time_per_output_token_seconds"}}
+
+
 def unescape(name: str) -> str:
-    """Our name for a sample, also when the exporter escaped the colon to "_" (prometheus_client does so in its
-    OpenMetrics output): 'llmip_generation_tokens_total' -> 'llmip:generation_tokens_total'."""
-    return "llmip:" + name[len("llmip_"):] if name.startswith("llmip_") else name
+    """Our name for a sample: also when the exporter escaped the colon to "_" (prometheus_client does so in its
+    OpenMetrics output), 'llmip_generation_tokens_total' -> 'llmip:generation_tokens_total', and for vLLM's names,
+    'vllm:generation_tokens_total' -> 'llmip:generation_tokens_total'."""
+    if name.startswith("llmip_"):
+        return "llmip:" + name[len("llmip_"):]
+    base, suffix = name, ""
+    for end in ("_bucket", "_sum", "_count"):
+        if name.endswith(end) and name[:-len(end)] in VLLM_NAMES:
+            base, suffix = name[:-len(end)], end
+    return VLLM_NAMES[base] + suffix if base in VLLM_NAMES else name
 
 
 def parse(text: str, time_s: float) -> Scrape:
