@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--search-samples", type=int, default=0, help="our AWQ grid-search samples (0: all, as "
                         "llm-compressor)")
+    parser.add_argument("--n-grid", type=int, default=20, help="grid points of our AWQ searches (match the folder's)")
     parser.add_argument("--ours", default="rtn,gptq,gptq-act-order,awq", help="our methods to run, comma-separated")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ours = {"rtn": lambda m: quantize_model(m, "int4", gs),
             "gptq": lambda m: gptq_model(m, ids, gs),
             "gptq-act-order": lambda m: gptq_model(m, ids, gs, act_order=True),
-            "awq": lambda m: awq_model(m, ids, gs, search_samples=args.search_samples)}
+            "awq": lambda m: awq_model(m, ids, gs, n_grid=args.n_grid, search_samples=args.search_samples)}
     chosen = args.ours.split(",")
     if any(c not in ours for c in chosen):
         raise UserError(f"--ours takes {', '.join(ours)}")

@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {"num_hidden_layers": args.num_layers} if args.num_layers > 0 else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **overrides)
     actorder = None if args.actorder == "none" else args.actorder
+    if not torch.cuda.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations for faster host-to-GPU copies, which raises without
+        # an accelerator ("Cannot access accelerator device"); on a CPU there is nothing to copy, so skip pinning.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None
     t0, c0 = time.perf_counter(), time.process_time()
     oneshot(model=model, dataset=data, recipe=recipe(args.scheme, args.group_size, actorder, args.n_grid),
             num_calibration_samples=len(ids), max_seq_length=args.max_seq_length,
