@@ -149,8 +149,9 @@ def plan_table(plans: list[Plan]) -> str:
              f"{p.kv_bytes_per_token_per_gpu / 1e3:.1f}", f"{p.kv_cache_tokens:,}" if p.fits else "does not fit",
              p.allreduce_per_token, f"{p.allreduce_bytes_per_token / 1e6:.2f}", f"{p.comm_ms_per_token:.2f}",
              f"{p.decode_ms_per_token:.2f}", f"{p.prefill_tokens_per_s:,.0f}") for p in plans]
-    return table(rows, ("TP", "PP", "weights_GB/GPU", "KV_KB/tok/GPU", "KV_tokens", "allreduce/tok", "AR_MB/tok",
-                        "comm_ms/tok", "decode_ms/tok", "prefill_tok/s"))
+    # A decode step gives every sequence of the batch one token: per step = per token at batch 1.
+    return table(rows, ("TP", "PP", "weights_GB/GPU", "KV_KB/tok/GPU", "KV_tokens", "allreduce/step", "AR_MB/step",
+                        "comm_ms/step", "decode_ms/step", "prefill_tok/s"))
 
 
 @cli

@@ -57,7 +57,7 @@ def test_bad_split_is_a_user_error():
 def test_cli_prints_a_table(capsys):
     main(["--model", "llama2-70b", "--num-gpus", "8"])
     out = capsys.readouterr().out
-    assert "decode_ms/tok" in out and "does not fit" not in out
+    assert "decode_ms/step" in out and "does not fit" not in out
     with pytest.raises(SystemExit) as e:
         main(["--model", "no-such-model"])
     assert e.value.code == 2
