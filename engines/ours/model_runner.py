@@ -46,8 +46,8 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.index = torch.arange(n, device=dev)
         self.model, self.cache = model, cache
-        self.metadata = {size: AttentionMetadata(self.slots[:size], DecodeGroup(
-            self.index[:size], self.tables[:size], self.seq_lens[:size]), [], []) for size in self.sizes}
+        self.metadata = {size: AttentionMetadata(self.slots[:size], [DecodeGroup(
+            self.index[:size], self.tables[:size], self.seq_lens[:size])], [], []) for size in self.sizes}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}
         if dev.type != "cuda":
@@ -140,14 +140,20 @@ class ModelRunner:
                     torch.arange(offset, offset + n, device=dev),
                     torch.tensor(table[:num_blocks], device=dev)[None],
                     cached_prefill_mask(bs, start, n, num_blocks).to(dev)))
-        decode = None
-        if decode_rows:
-            offsets, seq_lens, tables = zip(*decode_rows)
+        # The Triton kernel reads only each sequence's own blocks, so one group; the gather path pads every row to
+        # the group's longest, so there decodes are grouped by length (widths within 2x of each other).
+        by_width: dict[int, list] = {}
+        for row in decode_rows:
+            key = 0 if self.cache.use_triton else len(row[2]).bit_length()
+            by_width.setdefault(key, []).append(row)
+        decode = []
+        for rows in by_width.values():
+            offsets, seq_lens, tables = zip(*rows)
             width = max(len(t) for t in tables)
             flat = [x for t in tables for x in t + [0] * (width - len(t))]
-            decode = DecodeGroup(torch.tensor(offsets, device=dev),
-                                 torch.tensor(flat, dtype=torch.int32).view(len(tables), width).to(dev),
-                                 torch.tensor(seq_lens, dtype=torch.int32, device=dev))
+            decode.append(DecodeGroup(torch.tensor(offsets, device=dev),
+                                      torch.tensor(flat, dtype=torch.int32).view(len(tables), width).to(dev),
+                                      torch.tensor(seq_lens, dtype=torch.int32, device=dev)))
         fresh = [FreshPrefillGroup(torch.tensor(offs, device=dev)[:, None] + torch.arange(n, device=dev), n)
                  for n, offs in fresh_rows.items()]
         self.cache.metadata = AttentionMetadata(torch.tensor(slots, device=dev), decode, fresh, cached)

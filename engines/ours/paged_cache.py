@@ -4,8 +4,9 @@ Pool layout per layer: keys and values [num_blocks, block_size, num_kv_heads, he
 step's tokens from every scheduled sequence into one row ([1, N]) and tells the cache, through `AttentionMetadata`,
 where each new token goes (`slot_mapping`) and which blocks each sequence reads (its block table). `attend` writes
 the new keys/values into their slots, then computes attention in three kinds of group:
-- decodes (one query per sequence), all together: on a GPU the Triton kernel reads the pool through the block
-  tables; elsewhere (the reference path) each sequence's blocks are gathered into a padded [B, Hkv, S, D] view;
+- decodes (one query per sequence): on a GPU the Triton kernel reads the pool through the block tables, all
+  sequences in one call; elsewhere (the reference path) each sequence's blocks are gathered into a padded
+  [B, Hkv, S, D] view, sequences of similar length together;
 - fresh prefills (a chunk starting at position 0, nothing cached before it): plain causal attention over the chunk's
   own keys, no pool reads at all; chunks of equal length share one call;
 - continued prefills (a later chunk, or a prompt whose head came from the prefix cache): gather + masked attention.
@@ -47,7 +48,7 @@ class CachedPrefillGroup:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # long [N]: pool slot (block * block_size + offset) of each new token
-    decode: DecodeGroup | None
+    decode: list[DecodeGroup]
     fresh: list[FreshPrefillGroup]
     cached: list[CachedPrefillGroup]
 
@@ -93,8 +94,7 @@ class PagedKVCache(KVCache):
         q_flat = q[0].transpose(0, 1)  # [N, H, D]
         out = torch.empty_like(q_flat)
         gqa = q.shape[1] != hkv
-        if meta.decode is not None:
-            g = meta.decode
+        for g in meta.decode:
             qg = q_flat[g.token_index]  # [B, H, D]
             if self.use_triton:
                 out[g.token_index] = self.decode_kernel(qg, k_pool, v_pool, g.block_tables, g.seq_lens)
