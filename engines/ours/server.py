@@ -16,7 +16,7 @@ import contextlib
 import json
 import time
 import uuid
-from typing import AsyncIterator, Literal
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -263,7 +263,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str) -> FastAPI:
     async def respond(request: Request, body: SamplingFields, prompt: list[int], max_tokens: int | None,
                       chat: bool):
         params = serving.sampling_params(body, len(prompt), max_tokens)
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stop = [s for s in ([body.stop] if isinstance(body.stop, str) else body.stop or []) if s]
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",

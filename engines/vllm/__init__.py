@@ -1,1 +1,1 @@
-"""vLLM scripts: offline generation, its OpenAI server driven by our harness, tensor parallelism, quantized checkpoints."""
+"""vLLM scripts: offline generation, its OpenAI server driven by our harness, parallelism, quantized checkpoints."""
