@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
 
     methods = {"rtn": lambda m, ids, gs: quantize_model(m, "int4", gs, args.symmetric),
                "gptq": lambda m, ids, gs: gptq_model(m, ids, gs, args.symmetric, batch_size=args.batch_size),
-               "awq": lambda m, ids, gs: awq_model(m, ids, gs, args.symmetric, batch_size=args.batch_size)}
+               "awq": lambda m, ids, gs: awq_model(m, ids, gs, args.symmetric, batch_size=args.batch_size,
+                                                   search_samples=8)}  # as quantization.awq's default
     run_method(args, args.method.upper(), methods[args.method])
 
 

@@ -68,7 +68,7 @@ def test_awq_layer_error_below_rtn(smollm_layer0):
     for method in ("rtn", "awq"):
         q = copy.deepcopy(layer)
         if method == "awq":
-            awq_layer(q, inputs, 64)
+            awq_layer(q, inputs, 64, n_grid=10)  # a coarser grid: half the time, still a clear win
         else:
             for name in LAYER_LINEARS:
                 set_module(q, name, Int4Linear.from_linear(q.get_submodule(name), 64))
