@@ -91,11 +91,15 @@ def main(argv: list[str] | None = None) -> None:
                          f"{m['comm_ms_per_token']:.2f}", f"{p.get('comm_ms_per_token', float('nan')):.2f}",
                          f"{r0['decode_comm_share']:.0%}", f"{max(r['peak_mb'] for r in result['ranks']):,.0f}"))
     label = runs[0]["model"] if runs else args.model
+    header = ("TP", "decode_ms/tok", "predicted", "prefill_tok/s", "predicted", "allreduce_ms/tok", "predicted",
+              "comm%", "peak_MB/rank")
+    if not args.hardware:  # no GPU preset, no prediction: drop the empty columns
+        keep = [i for i, h in enumerate(header) if h != "predicted"]
+        header, rows = tuple(header[i] for i in keep), [tuple(r[i] for i in keep) for r in rows]
     print(f"\n{label}: tensor-parallel scaling on {dev.type}, batch {args.batch_size}, "
-          f"{runs[0]['input_len'] if runs else args.input_len} prompt tokens, {args.max_tokens} new tokens; "
-          f"predicted = planner ({args.hardware or 'no GPU preset'}, ideal)")
-    print(table(rows, ("TP", "decode_ms/tok", "predicted", "prefill_tok/s", "predicted", "allreduce_ms/tok",
-                       "predicted", "comm%", "peak_MB/rank")))
+          f"{runs[0]['input_len'] if runs else args.input_len} prompt tokens, {args.max_tokens} new tokens"
+          + (f"; predicted = planner ({args.hardware}, ideal)" if args.hardware else ""))
+    print(table(rows, header))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"model": label, "device": dev.type, "hardware": args.hardware, "runs": runs}, f, indent=2)
