@@ -117,6 +117,11 @@ def test_stop_string_cuts_the_text(server, smollm):
     stop = full.strip().split()[1]  # a word from the middle of the answer
     r = server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
     assert r.choices[0].text == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
+    # The same streamed, with the prompt sent as token ids.
+    chunks = list(server.client.completions.create(model=MODEL, prompt=smollm.tokenizer(PROMPT).input_ids,
+                                                   max_tokens=16, temperature=0, stop=[stop], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full[:full.find(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
     wait_pool_full(server.engine)
 
 
