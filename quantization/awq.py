@@ -24,7 +24,7 @@ from torch import nn
 
 from core.errors import cli
 from quantization.gptq import add_calibration_args, run_method
-from quantization.layerwise import LayerInputs, quantize_layer_by_layer, run_layer
+from quantization.layerwise import LayerInputs, quantize_layer_by_layer
 from quantization.linear import LAYER_LINEARS, Int4Linear, set_module
 from quantization.rtn import fake_quantize_int4, grouped, quantize_int4
 

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
-        import llmcompressor  # noqa: F401
+        import llmcompressor
     except ImportError:
         raise UserError("llm-compressor is not installed here: run this in its own environment (see --help)") from None
     from datasets import Dataset
@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     config = json.loads((folder / "config.json").read_text())  # without quantization_config: the weights are dense
     config["num_hidden_layers"] = model.config.num_hidden_layers
     (args.output_dir / "config.json").write_text(json.dumps(config, indent=2))
-    import llmcompressor as lc
-
-    info = {"method": f"llm-compressor {lc.__version__} {args.scheme.upper()}", "scheme": args.scheme,
+    info = {"method": f"llm-compressor {llmcompressor.__version__} {args.scheme.upper()}", "scheme": args.scheme,
             "group_size": args.group_size, "symmetric": False, "num_layers": model.config.num_hidden_layers,
             "actorder": actorder if args.scheme == "gptq" else None,
             "calibration": f"{len(ids)} x {args.max_seq_length} tokens, calibration split",
