@@ -49,7 +49,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 @contextlib.contextmanager
 def launch(engine: str, args: argparse.Namespace, log: Path) -> Iterator[tuple[str, int]]:
-    """Start one engine's server, wait for /health, yield (url, pid), always stop it."""
+    """Start one engine's server, wait until it answers, yield (url, pid), always stop it."""
     from benchmarks.server import free_port, stop
     from core.loading import find_model_dir
 
