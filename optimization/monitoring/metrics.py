@@ -43,7 +43,7 @@ VLLM_NAMES = {"vllm:request_time_per_output_token_seconds": "llmip:time_per_outp
               **{n.replace("llmip:", "vllm:"): n for n in SERVER_METRICS if n != "llmip:time_per_output_token_seconds"}}
 
 
-def unescape(name: str) -> str:
+def our_name(name: str) -> str:
     """Our name for a sample: also when the exporter escaped the colon to "_" (prometheus_client does so in its
     OpenMetrics output), 'llmip_generation_tokens_total' -> 'llmip:generation_tokens_total', and for vLLM's names,
     'vllm:generation_tokens_total' -> 'llmip:generation_tokens_total'."""
@@ -62,7 +62,7 @@ def parse(text: str, time_s: float) -> Scrape:
     buckets: dict[str, dict[float, float]] = defaultdict(lambda: defaultdict(float))
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            s = s._replace(name=unescape(s.name))
+            s = s._replace(name=our_name(s.name))
             if s.name.endswith("_bucket") and s.name[:-len("_bucket")] in HISTOGRAMS:
                 buckets[s.name[:-len("_bucket")]][float(s.labels["le"])] += s.value
             elif s.name == "llmip:kv_cache_usage_perc":
