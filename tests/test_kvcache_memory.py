@@ -1,4 +1,5 @@
 """The KV memory formula against the measured size of our caches, and the capacity arithmetic."""
+import copy
 import subprocess
 import sys
 
@@ -32,21 +33,18 @@ def test_known_model_numbers():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_formula_matches_measured_caches(tiny, dtype):
-    model = tiny.model.to(getattr(torch, dtype))
-    try:
-        cfg, n = model.config, 37
-        ids = torch.randint(0, cfg.vocab_size, (1, n))
-        static = StaticKVCache.for_model(model, 1, n)
-        full = make_cache("full", model)
-        q8, q4 = make_cache("int8", model, max_len=n), make_cache("int4", model, max_len=n)
-        with torch.inference_mode():
-            for cache in (static, full, q8, q4):
-                model(ids, cache=cache)
-        assert static.nbytes() == full.nbytes() == kv_bytes_per_sequence(cfg, n, dtype)
-        assert q8.nbytes() == kv_bytes_per_sequence(cfg, n, "int8")
-        assert q4.nbytes() == kv_bytes_per_sequence(cfg, n, "int4")
-    finally:
-        model.to(torch.float32)
+    model = copy.deepcopy(tiny.model).to(getattr(torch, dtype))  # a copy: a round trip through bf16 would alter the shared fixture
+    cfg, n = model.config, 37
+    ids = torch.randint(0, cfg.vocab_size, (1, n))
+    static = StaticKVCache.for_model(model, 1, n)
+    full = make_cache("full", model)
+    q8, q4 = make_cache("int8", model, max_len=n), make_cache("int4", model, max_len=n)
+    with torch.inference_mode():
+        for cache in (static, full, q8, q4):
+            model(ids, cache=cache)
+    assert static.nbytes() == full.nbytes() == kv_bytes_per_sequence(cfg, n, dtype)
+    assert q8.nbytes() == kv_bytes_per_sequence(cfg, n, "int8")
+    assert q4.nbytes() == kv_bytes_per_sequence(cfg, n, "int4")
 
 
 def test_bad_dtype():

@@ -6,15 +6,17 @@
 # under .device-kit/ and staged over calls made back to back; every call runs this script with the next stage,
 # which first unpacks whatever parts have arrived, then runs that stage's measurements:
 #
-#   stage  carry                                              runs
-#   a      .device-kit/part-aa                                quantization kernels, 70B INT4, streamed 70B AWQ
-#   b      .device-kit/part-ab                                parallelism TP=1 baseline
-#   c      .device-kit/part-ac .device-kit/smollm2-aa         our engine vs vLLM (offline, batch 1)
-#   d      .device-kit/smollm2-ab .device-kit/workload-1024x512.json   case study, Llama-2-7B shape (random)
-#   e      kvcache/results/stream_eval_32768.json             speculative decoding (ours, vLLM's), KV-cache policies
-#   f      (nothing)                                          serving (ours vs vLLM over HTTP), case study on the default model
+#   call  carry                                     then run
+#   1     .device-kit/part-aa                       stage (nothing), or a: quantization (needs no kit)
+#   2     .device-kit/part-ab                       stage
+#   3     .device-kit/part-ac .device-kit/smollm2-aa  c: our engine vs vLLM (offline, batch 1)
+#   4     .device-kit/smollm2-ab .device-kit/wheels .device-kit/workload-1024x512.json
+#         kvcache/results/stream_eval_32768.json    d: the case study, Llama-2-7B shape (random weights)
+#   5     (nothing more)                            f: serving over HTTP (ours vs vLLM), the case study on the default model
+#   6     (nothing more)                            e: speculative decoding (ours, vLLM's); kv: KV-cache policies, TP=1
+# (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder)
 #
-#   bash benchmarks/gpu/device.sh STAGE        # on the GPU machine, from the repository root; logs go to $OUT
+#   bash benchmarks/gpu/device.sh STAGE     # on the GPU machine, from the repository root; logs go to $OUT
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /root/vk /root/models
@@ -63,9 +65,8 @@ case "${1:-}" in
     run awq_70b 150 python -m quantization.awq_70b --random-weights --num-layers 4 --output-dir /tmp/l70-awq \
       --out "$OUT/quant_awq70b.json"
     ;;
-  b)
-    run tp1_7b 120 python -m parallelism.scaling --device cuda --model llama2-7b --random-weights \
-      --tensor-parallel-sizes 1 --input-len 512 --max-tokens 64 --out "$OUT/tp_llama2-7b_1gpu.json"
+  stage)  # nothing to run: this call only brings kit parts
+    ls /root/vk /root/models
     ;;
   c)
     run engines 540 python -m engines.gpu_bench --out "$OUT/gpu_bench.json"
@@ -75,19 +76,22 @@ case "${1:-}" in
       --workload-file "$WORKLOAD" --num-prompts 64 --max-output-len 128 --curve 1 --out-dir "$OUT/case_7b"
     ;;
   e)
-    mkdir -p speculative/results
-    run spec_ours 150 python -m speculative.benchmark --device cuda --dtype float32 \
-      --prompts speculative/prompts_eval.json --num-prompts 2 --max-tokens 128 \
-      --out "$OUT/spec_benchmark_h100.json" --plot "$OUT/spec_speedup_vs_k_h100.png"
-    run spec_vllm 150 python -m speculative.vllm_spec --methods ngram,draft,medusa \
-      --prompts speculative/prompts_eval.json --num-prompts 2 --max-tokens 128 --enforce-eager \
+    run spec_ours 200 python -m speculative.benchmark --device cuda --dtype float32 \
+      --prompts speculative/prompts_eval.json --num-prompts 1 --max-tokens 128 --sweep-k "" \
+      --out "$OUT/spec_benchmark_h100.json"
+    run spec_vllm 240 python -m speculative.vllm_spec --methods ngram,draft,medusa \
+      --prompts speculative/prompts_eval.json --num-prompts 1 --max-tokens 128 --enforce-eager \
       --out "$OUT/spec_vllm_h100.json"
+    ;;
+  kv)  # KV-cache policies over a long stream (needs the default model staged: calls 3 and 4)
     run kv_20k 150 python -m kvcache.long_stream --device cuda --stream-file kvcache/results/stream_eval_32768.json \
       --num-tokens 20480 --budget 1024 --reference-window 2048 --policies full,window,streaming,h2o,int8 \
       --plot-dir "$OUT/kvcache_20k" --out "$OUT/kvcache_long_stream_20k.json"
     run kv_5k 100 python -m kvcache.long_stream --device cuda --stream-file kvcache/results/stream_eval_32768.json \
       --num-tokens 5120 --budget 1024 --reference-window 2048 --policies full,window,streaming,h2o,int8 \
       --bin-size 128 --plot-dir "$OUT/kvcache_5k" --out "$OUT/kvcache_long_stream_5k.json"
+    run tp1_7b 120 python -m parallelism.scaling --device cuda --model llama2-7b --random-weights \
+      --tensor-parallel-sizes 1 --input-len 512 --max-tokens 64 --verbose --out "$OUT/tp_llama2-7b_1gpu.json"
     ;;
   f)
     run serving 200 python -m engines.vllm.serve --engines ours,vllm --random-weights --device cuda \
