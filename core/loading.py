@@ -49,9 +49,15 @@ def cache_dir() -> Path:
 def resolve_device(device: str) -> torch.device:
     """'auto' picks CUDA when present. Asking for a GPU that is not there is a user error, not a crash."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {device!r} asked for, but no CUDA GPU is available here (use --device cpu)")
+    if device.startswith("cuda"):
+        # PyTorch's scaled_dot_product_attention prefers cuDNN on Hopper, and cuDNN builds an execution plan for each
+        # new (batch, query, key) shape. Serving changes those shapes with every batch and prompt, so the plans were
+        # built again and again: on an H100, 32 tokens for a new batch of 8 Llama-2-7B prompts took 8.0 s, and 1.05 s
+        # when the same shapes came again. The FlashAttention and memory-efficient kernels need no per-shape plan.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if device.startswith("mps") and not torch.backends.mps.is_available():
         raise UserError(f"device {device!r} asked for, but MPS is not available here")
     return torch.device(device)

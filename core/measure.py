@@ -40,7 +40,12 @@ def run_isolated(fn: Callable[..., Any], *args) -> tuple[Any, float]:
         except Exception:  # queue.Empty: keep waiting unless the child died without reporting
             if not proc.is_alive():
                 raise RuntimeError(f"isolated run of {fn.__name__} died (exit code {proc.exitcode})") from None
-    proc.join()
+    # The result is in hand. Some libraries hang in their exit handlers (vLLM's CPU engine in a spawned child
+    # did, for an hour): give the child a few seconds to exit, then end it.
+    proc.join(timeout=15)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join()
     if error:
         raise RuntimeError(f"isolated run failed: {error}")
     return result, peak

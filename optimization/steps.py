@@ -254,9 +254,9 @@ def _run_vllm(cfg: StepConfig, dtype: str) -> dict:
     """vLLM offline at rate inf only: its offline API takes every request at once (finite rates: its server)."""
     from benchmarks.backends.vllm_offline import VLLMOfflineBackend
 
-    if cfg.random_weights:
-        return {"step": "vllm", "skipped": "random weights: use engines' GPU benchmark (load_format=dummy)"}
-    backend = VLLMOfflineBackend(cfg.model, dtype, max_model_len=2048, seed=cfg.seed)
+    max_len = max(s.prompt_len + s.output_len for s in cfg.specs) + 16  # as our engine's
+    backend = VLLMOfflineBackend(cfg.model, dtype, max_model_len=max_len, seed=cfg.seed,
+                                 random_weights=cfg.random_weights)
     runs = []
     for rate in cfg.rates:
         if not math.isinf(rate):
@@ -271,6 +271,7 @@ def _run_vllm(cfg: StepConfig, dtype: str) -> dict:
                      "errors": [r.error for r in records if not r.success][:5]})
     import vllm
 
-    return {"step": "vllm", "label": f"{cfg.model} [vLLM {vllm.__version__}, {dtype}]", "dtype": dtype,
+    weights = "RANDOM weights (speed only)" if cfg.random_weights else "trained weights"
+    return {"step": "vllm", "label": f"{cfg.model} [vLLM {vllm.__version__}, {weights}, {dtype}]", "dtype": dtype,
             "notes": "offline API: measured at rate inf only", "weights_mb": None, "perplexity": None,
             "gpu_peak_mb": backend.peak_memory_mb(), "runs": runs}

@@ -6,15 +6,17 @@
 # under .device-kit/ and staged over calls made back to back; every call runs this script with the next stage,
 # which first unpacks whatever parts have arrived, then runs that stage's measurements:
 #
-#   call  carry                                     then run
-#   1     .device-kit/part-aa                       stage (nothing), or a: quantization (needs no kit)
-#   2     .device-kit/part-ab                       stage
-#   3     .device-kit/part-ac .device-kit/smollm2-aa  c: our engine vs vLLM (offline, batch 1)
-#   4     .device-kit/smollm2-ab .device-kit/wheels .device-kit/workload-1024x512.json
-#         kvcache/results/stream_eval_32768.json    d: the case study, Llama-2-7B shape (random weights)
-#   5     (nothing more)                            f: serving over HTTP (ours vs vLLM), the case study on the default model
-#   6     (nothing more)                            e: speculative decoding (ours, vLLM's); kv: KV-cache policies, TP=1
-# (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder)
+#   call  carry                                        then run
+#   1     .device-kit/smollm2-aa .device-kit/wheels     a: quantization kernels, 70B INT4 (needs no kit)
+#         .device-kit/workload-1024x512.json
+#   2     .device-kit/smollm2-ab                        e: speculative decoding, ours (default model now staged)
+#   3     .device-kit/part-aa                           c1: our engine alone on the Llama-2-7B shape
+#   4     .device-kit/part-ab                           kv: KV-cache policies, TP=1 baseline
+#   5     .device-kit/part-ac                           d: the case study, Llama-2-7B shape (random weights)
+#   6     (nothing more)                                f: serving over HTTP (ours vs vLLM), the case study on the default model
+#   7     (nothing more)                                ev: vLLM's speculative decoding; c: both engines, both shapes
+# (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder;
+#  kit parts may come in any order: the script unpacks each kit once all its parts are there)
 #
 #   bash benchmarks/gpu/device.sh STAGE     # on the GPU machine, from the repository root; logs go to $OUT
 set -uo pipefail
@@ -71,6 +73,9 @@ case "${1:-}" in
   c)
     run engines 540 python -m engines.gpu_bench --out "$OUT/gpu_bench.json"
     ;;
+  c1)
+    run engines_ours_7b 300 python -m engines.gpu_bench --engines ours --models llama2-7b --out "$OUT/gpu_bench_ours_7b.json"
+    ;;
   d)
     run case_7b 560 python -m optimization --model llama2-7b --random-weights --device cuda \
       --workload-file "$WORKLOAD" --num-prompts 64 --max-output-len 128 --curve 1 --out-dir "$OUT/case_7b"
@@ -79,11 +84,13 @@ case "${1:-}" in
     run spec_ours 200 python -m speculative.benchmark --device cuda --dtype float32 \
       --prompts speculative/prompts_eval.json --num-prompts 1 --max-tokens 128 --sweep-k "" \
       --out "$OUT/spec_benchmark_h100.json"
+    ;;
+  ev)
     run spec_vllm 240 python -m speculative.vllm_spec --methods ngram,draft,medusa \
       --prompts speculative/prompts_eval.json --num-prompts 1 --max-tokens 128 --enforce-eager \
       --out "$OUT/spec_vllm_h100.json"
     ;;
-  kv)  # KV-cache policies over a long stream (needs the default model staged: calls 3 and 4)
+  kv)  # KV-cache policies over a long stream (needs the default model staged: call 2)
     run kv_20k 150 python -m kvcache.long_stream --device cuda --stream-file kvcache/results/stream_eval_32768.json \
       --num-tokens 20480 --budget 1024 --reference-window 2048 --policies full,window,streaming,h2o,int8 \
       --plot-dir "$OUT/kvcache_20k" --out "$OUT/kvcache_long_stream_20k.json"
@@ -98,9 +105,9 @@ case "${1:-}" in
       --dtype bfloat16 --max-model-len 2048 --max-num-seqs 256 --dataset-name random --random-input-len 256 \
       --random-output-len 128 --random-range-ratio 0.5 --num-prompts 600 --request-rate 32 --no-progress \
       --log-dir "$OUT/serve_logs" --result-dir "$OUT/serve_results"
-    run case_smollm2 360 python -m optimization --device cuda --workload-file "$WORKLOAD" --num-prompts 64 \
-      --max-output-len 128 --curve 1 --out-dir "$OUT/case_smollm2"
+    run case_smollm2 360 python -m optimization --device cuda --workload-file "$WORKLOAD" --num-prompts 32 \
+      --max-output-len 64 --curve 1 --out-dir "$OUT/case_smollm2"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu/device.sh a|b|c|d|e|f (see the table at the top)"; exit 2 ;;
+    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|e|ev|kv|f (see the table at the top)"; exit 2 ;;
 esac
