@@ -75,6 +75,8 @@ def run_case_study(cfg: StepConfig, steps: list[str], out_dir: Path, curve_multi
 
     base = run("baseline", [math.inf])
     saturation = base["runs"][0]["summary"]["request_throughput"]
+    if not saturation:  # every request failed: no rate to compare the steps at
+        raise UserError(f"the baseline completed no request; first error: {base['runs'][0]['errors'][:1]}")
     bar.update(1)
     curve = [m * saturation for m in curve_multipliers]
     more = run("baseline", sorted(set(curve) | {saturation}))
