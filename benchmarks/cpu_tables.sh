@@ -3,7 +3,7 @@
 # Timings are only comparable when nothing else runs: a second job on a 2-core machine halves every tokens/s.
 #
 #   bash benchmarks/cpu_tables.sh            # everything (about 40 minutes on 2 cores)
-#   bash benchmarks/cpu_tables.sh spec tp    # only some groups: spec engines serving teaching tp pp dp compare
+#   bash benchmarks/cpu_tables.sh spec tp    # only some groups: spec engines serving teaching tp pp dp kv compare
 #
 # JSON lands in results/cpu/, each run's full log beside it; the READMEs quote these files.
 set -uo pipefail
@@ -20,11 +20,11 @@ run() {  # run NAME CMD...: one measurement, its log in $OUT/NAME.log
   echo "--- $name rc=$? ($(date -u +%H:%M:%S))"
 }
 
-groups=${*:-spec engines serving teaching tp pp dp compare}
+groups=${*:-spec engines serving teaching tp pp dp kv compare}
 for g in $groups; do
   case $g in
     spec)
-      run spec $PY -m speculative.benchmark --threads 1 --prompts speculative/prompts_eval.json --num-prompts 2 \
+      run spec $PY -m speculative.benchmark --threads 1 --prompts speculative/prompts_eval.json --num-prompts 1 --sweep-k "" \
         --max-tokens 64 --out "$OUT/spec_benchmark.json" --plot "$OUT/spec_speedup_vs_k.png" ;;
     engines)
       run engines_offline $PY -m engines.cpu_bench --out "$OUT/engines_cpu_bench.json" ;;
@@ -44,6 +44,10 @@ for g in $groups; do
       done ;;
     dp)
       run dp $PY -m parallelism.data_parallel --num-prompts 12 --out "$OUT/data_parallel.json" ;;
+    kv)
+      run rag $PY -m kvcache.rag --out "$OUT/rag.json"
+      run prompt_compression $PY -m kvcache.prompt_compression --num-prompts 4 --ratios 0.5 \
+        --out "$OUT/prompt_compression.json" ;;
     compare)
       run compare $PY -m benchmarks compare --result-dir "$OUT/compare" ;;
     *) echo "unknown group $g"; exit 2 ;;
