@@ -100,13 +100,14 @@ case "${1:-}" in
     run tp1_7b 120 python -m parallelism.scaling --device cuda --model llama2-7b --random-weights \
       --tensor-parallel-sizes 1 --input-len 512 --max-tokens 64 --verbose --out "$OUT/tp_llama2-7b_1gpu.json"
     ;;
-  f)
+  f)  # the serving run needs the ShareGPT package for its random text windows: not on the lent machine yet
     run serving 200 python -m engines.vllm.serve --engines ours,vllm --random-weights --device cuda \
       --dtype bfloat16 --max-model-len 2048 --max-num-seqs 256 --dataset-name random --random-input-len 256 \
       --random-output-len 128 --random-range-ratio 0.5 --num-prompts 600 --request-rate 32 --no-progress \
       --log-dir "$OUT/serve_logs" --result-dir "$OUT/serve_results"
+    # No ShareGPT package here: AWQ calibration and perplexity need it, so RTN and no perplexity on this machine.
     run case_smollm2 360 python -m optimization --device cuda --workload-file "$WORKLOAD" --num-prompts 32 \
-      --max-output-len 64 --curve 1 --out-dir "$OUT/case_smollm2"
+      --max-output-len 64 --curve 1 --quant rtn --ppl-tokens 0 --out-dir "$OUT/case_smollm2"
     ;;
   *)
     echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|e|ev|kv|f (see the table at the top)"; exit 2 ;;
