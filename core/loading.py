@@ -56,7 +56,8 @@ def resolve_device(device: str) -> torch.device:
         # PyTorch's scaled_dot_product_attention prefers cuDNN on Hopper, and cuDNN builds an execution plan for each
         # new (batch, query, key) shape. Serving changes those shapes with every batch and prompt, so the plans were
         # built again and again: on an H100, 32 tokens for a new batch of 8 Llama-2-7B prompts took 8.0 s, and 1.05 s
-        # when the same shapes came again. The FlashAttention and memory-efficient kernels need no per-shape plan.
+        # when the same shapes came again; without cuDNN the first pass took 2.2 s (other one-time start-up costs).
+        # The FlashAttention and memory-efficient kernels need no per-shape plan.
         torch.backends.cuda.enable_cudnn_sdp(False)
     if device.startswith("mps") and not torch.backends.mps.is_available():
         raise UserError(f"device {device!r} asked for, but MPS is not available here")
