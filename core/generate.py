@@ -1,7 +1,9 @@
 """The decode loop: prefill the prompt into a static KV cache, then one token per step, greedy or sampled."""
 from __future__ import annotations
 
+import gc
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -67,6 +69,20 @@ def _left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Ten
     return ids.to(device), pos.to(device)
 
 
+@contextmanager
+def graph_capture(graph: torch.cuda.CUDAGraph, **kwargs):
+    """torch.cuda.graph(graph, **kwargs) with the garbage collector off. A collection during a capture may free an
+    earlier graph, a CUDA call that a capture forbids: the capture is invalidated (seen on an H100 when our engine
+    was built right after another one had been dropped)."""
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, **kwargs):
+            yield
+    finally:
+        gc.enable()
+
+
 class GraphedDecodeStep:
     """One decode step captured in a CUDA graph: a single replay launches every kernel of the step.
 
@@ -83,7 +99,7 @@ class GraphedDecodeStep:
                 model(self.tokens, self.positions, cache)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with graph_capture(self.graph):
             self.logits = model(self.tokens, self.positions, cache)[:, -1]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from core.errors import UserError, cli
 
-ENGINES = ("vllm", "ours")
+ENGINES = ("vllm", "ours", "ours-uncompiled")  # the last: ours without torch.compile of its layers
 # Ours: how many sequences may run at once per shape. The 7B shape's KV cache holds ~200 full 512-token sequences on
 # an 80 GB GPU, so admitting more only leads to preemption; the 135M shape fits all 1000 at once.
 DEFAULT_MAX_NUM_SEQS = {"llama2-7b": 256}
@@ -54,7 +54,7 @@ def median_decode_ms(generate_one, n_tokens: int, repeats: int = 3) -> float:
     return statistics.median(per_token)
 
 
-def check_against_reference_path(lm) -> float:
+def check_against_reference_path(lm, torch_compile: bool = False) -> float:
     """Largest logit difference between the fast path (CUDA graphs + Triton attention, where available) and the
     reference path (eager, gather + SDPA), relative to the largest logit, over 8 staggered-length prompts.
 
@@ -71,7 +71,7 @@ def check_against_reference_path(lm) -> float:
     kw = dict(max_num_seqs=8, num_kv_blocks=64, block_size=16, max_model_len=128, skip_tokenizer_init=True)
     reference = LLM(lm, enforce_eager=True, **kw)
     reference.runner.cache.use_triton = False
-    fast = LLM(lm, **kw)
+    fast = LLM(lm, torch_compile=torch_compile, **kw)
     logits = []
     for llm in (reference, fast):
         seen, sample = [], llm.runner.sample
@@ -89,10 +89,11 @@ def check_against_reference_path(lm) -> float:
 FAST_TO_SAFE = ("cuda graphs + triton", "eager + triton", "eager + gather")
 
 
-def build_ours(lm, args: argparse.Namespace, max_num_seqs: int, mode: str):
+def build_ours(lm, args: argparse.Namespace, max_num_seqs: int, mode: str, torch_compile: bool):
     from engines.ours import LLM
     llm = LLM(lm, max_num_seqs=max_num_seqs, skip_tokenizer_init=True, max_model_len=args.input_len + args.output_len
               + 16, max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=mode != FAST_TO_SAFE[0],
+              torch_compile=torch_compile and mode != "eager + gather",
               gpu_memory_utilization=args.gpu_memory_utilization,
               kv_cache_memory_gb=None if lm.model.embed_tokens.weight.is_cuda else 2.0)
     if mode == "eager + gather":
@@ -100,7 +101,7 @@ def build_ours(lm, args: argparse.Namespace, max_num_seqs: int, mode: str):
     return llm
 
 
-def run_ours(args: argparse.Namespace) -> dict:
+def run_ours(args: argparse.Namespace, torch_compile: bool) -> dict:
     import torch
 
     from core.generate import SamplingParams
@@ -108,7 +109,7 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     lm = load_model(args.model, args.device, args.dtype, random_weights=True)
     try:
-        logit_error = check_against_reference_path(lm)
+        logit_error = check_against_reference_path(lm, torch_compile)
     except Exception as e:  # reported, and the fallbacks below show which part failed
         traceback.print_exc()
         logit_error, failures = None, [f"check: {type(e).__name__}: {e}"]
@@ -122,7 +123,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     for mode in FAST_TO_SAFE:
         try:
             t = time.perf_counter()
-            llm = build_ours(lm, args, max_num_seqs, mode)
+            llm = build_ours(lm, args, max_num_seqs, mode, torch_compile)
             startup_s = time.perf_counter() - t
             llm.generate(prompts[:8], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
             break
@@ -149,7 +150,8 @@ def run_ours(args: argparse.Namespace) -> dict:
             "fast_vs_reference_logit_error": logit_error, "failures": failures,
             "config": {"mode": mode, "max_num_seqs": max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                        "num_kv_blocks": llm.block_manager.num_blocks, "block_size": llm.block_manager.block_size,
-                       "cuda_graphs": llm.runner.graphs is not None, "torch_compile": False,
+                       "cuda_graphs": llm.runner.graphs is not None,
+                       "torch_compile": torch_compile and mode != "eager + gather",
                        "decode_attention": "triton" if llm.runner.cache.use_triton else "torch gather + SDPA"},
             "label": llm.label}
 
@@ -208,16 +210,16 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"\n{args.num_requests} requests x ({args.input_len} prompt + {args.output_len} output tokens, ignore_eos), "
           f"offline; batch-1 decode over {args.batch1_tokens} tokens; {device}, {args.dtype or 'bfloat16'}, "
           "RANDOM weights (speed only)")
-    print(f"{'model':<14} {'engine':<6} {'out tok/s':>11} {'vs vLLM':>8} {'batch-1 ms/tok':>15} {'wall s':>8}"
+    print(f"{'model':<14} {'engine':<12} {'out tok/s':>11} {'vs vLLM':>8} {'batch-1 ms/tok':>15} {'wall s':>8}"
           f" {'logit err':>10}")
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<14} {r['engine']:<6} failed: {r['error']}")
+            print(f"{r['model']:<14} {r['engine']:<12} failed: {r['error']}")
             continue
         ref = next((v for v in rows if v["model"] == r["model"] and v["engine"] == "vllm" and "error" not in v), None)
         ratio = f"{r['output_throughput'] / ref['output_throughput']:.2f}x" if ref else "-"
         err = r.get("fast_vs_reference_logit_error")
-        print(f"{r['model']:<14} {r['engine']:<6} {r['output_throughput']:>11,.0f} {ratio:>8} "
+        print(f"{r['model']:<14} {r['engine']:<12} {r['output_throughput']:>11,.0f} {ratio:>8} "
               f"{r['batch1_ms_per_token']:>15.2f} {r['elapsed_s']:>8.1f} {'-' if err is None else f'{err:.1e}':>10}")
     for r in rows:
         if r.get("failures"):
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         args.model = args.worker_model
-        result = run_ours(args) if args.worker == "ours" else run_vllm(args)
+        result = run_vllm(args) if args.worker == "vllm" else run_ours(args, args.worker == "ours")
         Path(args.worker_out).write_text(json.dumps(result))
         return
     # Workers get the same options, minus the ones only the parent uses.

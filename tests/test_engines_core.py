@@ -200,3 +200,15 @@ def test_decode_graph_buffers_equal_plain_generation(tiny64):
     assert out == reference(tiny64, prompts, params)
     assert {3, 5}.issubset(replayed)  # padded (3 -> 4) and full batches both ran through the buffers
     assert_pool_full(llm)
+
+
+def test_compiled_layers_equal_plain_generation():
+    """torch.compile of the layers (the attention call left eager) on CPU: same greedy tokens, and one compiled
+    piece serves every layer (the layer index must not be baked into the compiled code)."""
+    lm = load_model("tiny", "cpu", "float32", random_weights=True)  # a model of its own: compiling changes it
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    prompts = random_prompts(4, seed=5, hi=20)
+    expected = reference(lm, prompts, params)
+    llm = LLM(lm, block_size=4, num_kv_blocks=64, max_model_len=48, max_num_seqs=4, torch_compile=True)
+    assert run_staggered(llm, {0: prompts[:2], 3: prompts[2:]}, params) == expected
+    assert_pool_full(llm)

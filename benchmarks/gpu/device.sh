@@ -15,6 +15,8 @@
 #   5     .device-kit/part-ac                           d: the case study, Llama-2-7B shape (random weights)
 #   6     (nothing more)                                f: serving over HTTP (ours vs vLLM), the case study on the default model
 #   7     (nothing more)                                ev: vLLM's speculative decoding; c: both engines, both shapes
+# This session's sequence (one machine holds 30 minutes): 1 smollm2-aa part-ac wheels -> g2; 2 smollm2-ab
+# medusa_prompts.json -> m; 3 part-aa -> m2; 4 part-ab -> c.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder;
 #  kit parts may come in any order: the script unpacks each kit once all its parts are there)
 #
@@ -109,6 +111,28 @@ case "${1:-}" in
     run case_smollm2 360 python -m optimization --device cuda --workload-file "$WORKLOAD" --num-prompts 32 \
       --max-output-len 64 --curve 1 --quant rtn --ppl-tokens 0 --out-dir "$OUT/case_smollm2"
     ;;
+  g)  # where a decode step's time goes; torch.compile of the decode step (core.generate) and of our engine's layers
+    run profile_7b 150 python -m engines.profile_decode --model llama2-7b --random-weights \
+      --out "$OUT/profile_decode_7b.json"
+    run quant_compile 240 python -m quantization.gpu_bench --model llama2-7b \
+      --configs bf16,bf16:compile,int4:torch,int4:torch:compile --max-tokens 64 --repeats 3 \
+      --out "$OUT/quant_gpu_7b_compile.json"
+    ;;
+  g2)  # our engine without torch.compile of its layers, for the same-machine comparison with stage c's "ours"
+    run engines_uncompiled 300 python -m engines.gpu_bench --engines ours-uncompiled --models llama2-7b \
+      --out "$OUT/gpu_bench_uncompiled.json"
+    ;;
+  m)  # Medusa heads trained here (default model staged; prompts exported as token ids on a machine with ShareGPT)
+    run medusa_train 420 python -m speculative.train_medusa --device cuda --dtype float32 \
+      --prompts-file .device-kit/medusa_prompts.json --num-prompts 4000 --gen-len 256 --gen-batch-size 256 \
+      --epochs 3 --batch-size 1024 --lr 1e-3 --out "$OUT/smollm2-135m.medusa.safetensors" --plot "$OUT/medusa_loss.png"
+    cp "$OUT/smollm2-135m.medusa.safetensors" /root/models/ 2>/dev/null
+    ;;
+  m2)  # every method on the same prompts, with the heads stage m trained
+    run spec_ours 400 python -m speculative.benchmark --device cuda --dtype float32 \
+      --prompts speculative/prompts_eval.json --num-prompts 2 --max-tokens 128 --sweep-k "" \
+      --heads /root/models/smollm2-135m.medusa.safetensors --out "$OUT/spec_benchmark_h100.json"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|e|ev|kv|f (see the table at the top)"; exit 2 ;;
+    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|e|ev|kv|f|g|g2|m|m2 (see the table at the top)"; exit 2 ;;
 esac

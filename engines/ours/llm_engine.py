@@ -39,7 +39,8 @@ class LLMEngine:
 
     model: registry name, HF folder, or an already loaded `LoadedModel`. Memory: `num_kv_blocks` outright, else
     `kv_cache_memory_gb` (default 1 GiB on CPU, like VLLM_CPU_KVCACHE_SPACE), else on GPU `gpu_memory_utilization`.
-    On a GPU, decode-only steps replay CUDA graphs unless `enforce_eager` (vLLM's name). `skip_tokenizer_init`
+    On a GPU, decode-only steps replay CUDA graphs unless `enforce_eager` (vLLM's name), and the layers are compiled
+    first (model_runner.compile_layers; `torch_compile=False` skips it, True forces it anywhere). `skip_tokenizer_init`
     (vLLM's name): token-id prompts only and no output text, so random-weight runs need no tokenizer files.
     """
 
@@ -47,7 +48,8 @@ class LLMEngine:
                  random_weights: bool = False, max_num_seqs: int = 256, max_model_len: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory_gb: float | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = False, skip_tokenizer_init: bool = False):
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False, skip_tokenizer_init: bool = False,
+                 torch_compile: bool | None = None):
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, random_weights)
         cfg = self.lm.model.config
         self.skip_tokenizer_init = skip_tokenizer_init
@@ -66,7 +68,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.lm.model, num_blocks, block_size, self.max_model_len, max_num_seqs,
-                                  cuda_graph=None if not enforce_eager else False)
+                                  cuda_graph=None if not enforce_eager else False,
+                                  torch_compile=torch_compile)
         self.requests: dict[str, Sequence] = {}
         self.eos_ids = set(cfg.eos_ids)
 

@@ -7,12 +7,17 @@ to know the sequence boundaries, which the paged cache gets from the metadata bu
 On a GPU, steps that only decode replay a CUDA graph captured for the next batch size up (1, 2, 4, 8, then
 multiples of 16): the step's hundreds of kernel launches become one, which is most of the time of a small model's
 decode step. Padding rows of a graph write to a scratch block outside the pool and attend to it alone.
+
+A graph removes launch overhead but not the kernels themselves: eager PyTorch runs each RMSNorm, RoPE and SwiGLU as
+a handful of tiny elementwise kernels, some 40 per layer of which only 7 are the matmuls that read the weights.
+`compile_layers` lets torch.compile fuse those into a few kernels per layer, with the paged attention call left
+out of the compiled code (see PagedKVCache.attend) so that one compiled layer serves every step.
 """
 from __future__ import annotations
 
 import torch
 
-from core.generate import sample
+from core.generate import graph_capture, sample
 from core.model import Transformer
 from engines.ours.paged_cache import (AttentionMetadata, CachedPrefillGroup, DecodeGroup, FreshPrefillGroup,
                                       PagedKVCache, cached_prefill_mask)
@@ -23,6 +28,16 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """Batch sizes to capture: 1, 2, 4, 8, 16, 32, 48, ... and max_num_seqs itself."""
     sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs] + list(range(16, max_num_seqs, 16))
     return sizes + [max_num_seqs]
+
+
+def compile_layers(model: Transformer) -> None:
+    """torch.compile every decoder layer in place: each compiles to two pieces, before and after the attention
+    call, shared by all layers (the layer index is a dynamic int, not one compilation per layer) and by all
+    batch sizes (dynamic token counts after the first recompilation)."""
+    import torch._dynamo
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    for layer in model.layers:
+        layer.compile()
 
 
 class DecodeGraphs:
@@ -55,10 +70,10 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             cache.metadata = self.metadata[size]
-            model.hidden_states(self.ids[:, :size], self.positions[:, :size], cache)  # warm-up (Triton compiles)
+            model.hidden_states(self.ids[:, :size], self.positions[:, :size], cache)  # warm-up (compilation)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with graph_capture(graph, pool=pool):
                 self.hidden[size] = model.hidden_states(self.ids[:, :size], self.positions[:, :size], cache)[0]
             self.graphs[size] = graph
         cache.metadata = None
@@ -94,12 +109,15 @@ class ModelRunner:
     """Owns the paged cache; turns a ScheduledBatch into one forward pass and the sampled tokens.
 
     cuda_graph: replay decode-only steps from CUDA graphs (default: on CUDA; on a CPU, True runs the same
-    static-buffer path eagerly, for tests). use_triton: Triton decode attention
-    (default: on CUDA). The pool gets one extra block beyond the allocator's, a scratch block for graph padding.
+    static-buffer path eagerly, for tests). use_triton: Triton decode attention (default: on CUDA). torch_compile:
+    compile the decoder layers first (default: wherever CUDA graphs are on; it changes the model in place, and the
+    graphs then capture the compiled kernels).
+    The pool gets one extra block beyond the allocator's, a scratch block for graph padding.
     """
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int = 2048,
-                 max_num_seqs: int = 256, cuda_graph: bool | None = None, use_triton: bool | None = None):
+                 max_num_seqs: int = 256, cuda_graph: bool | None = None, use_triton: bool | None = None,
+                 torch_compile: bool | None = None):
         self.model = model
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -108,8 +126,11 @@ class ModelRunner:
         on_cuda = self.device.type == "cuda"
         self.cache = PagedKVCache(cfg.num_layers, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
                                   self.dtype, self.device, use_triton=on_cuda if use_triton is None else use_triton)
+        use_graphs = on_cuda if cuda_graph is None else cuda_graph
+        if (use_graphs and on_cuda) if torch_compile is None else torch_compile:
+            compile_layers(model)
         self.graphs = None
-        if (on_cuda if cuda_graph is None else cuda_graph):
+        if use_graphs:
             max_blocks = -(-max_model_len // block_size)
             with torch.inference_mode():
                 self.graphs = DecodeGraphs(model, self.cache, max_num_seqs, max_blocks, scratch_block=num_blocks)

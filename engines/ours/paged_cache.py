@@ -82,6 +82,9 @@ class PagedKVCache(KVCache):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    # Left out of torch.compile (compile_layers): its loops over this step's groups change from step to step and
+    # would recompile; the Triton kernel and index copies inside are single kernels already.
+    @torch.compiler.disable
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """q: [1, H, N, D]; k, v: [1, Hkv, N, D] for the step's N flat tokens -> attention output [1, H, N, D]."""
         meta = self.metadata
