@@ -3,8 +3,9 @@
 Decoding one token at batch 1 reads every weight once, so ms/token ~ weight bytes / bandwidth: INT8 should approach
 half of BF16's time and INT4 a quarter, if the kernel reads packed weights directly. Each config is
 precision[:backend][:compile]: backend "torch" is PyTorch's weight-only kernels (tinygemm for INT4,
-_weight_int8pack_mm for INT8), "dequant" unpacks to BF16 before a normal matmul; "compile" runs the decode step
-through torch.compile (which can fuse an INT8 dequant into the matmul). Random weights of the model's shape.
+_weight_int8pack_mm for INT8), "triton" our matrix-vector kernels (triton_gemv.py), "dequant" unpacks to BF16 before a
+normal matmul; "compile" runs the decode step through torch.compile (which fuses the small elementwise kernels of
+norms, RoPE and SwiGLU, and can fuse an INT8 dequant into the matmul). Random weights of the model's shape.
 
     python -m quantization.gpu_bench --model llama2-7b                 # on an H100: a few minutes
     python -m quantization.gpu_bench --configs bf16,int4:torch --max-tokens 64
@@ -31,7 +32,8 @@ from core.registry import REGISTRY
 from quantization.linear import LAYER_LINEARS, pick_group_size, quantize_linear, set_module, weight_bytes
 
 MAX_KERNEL_ERROR = 2e-2  # bfloat16 rounding stays well below; any layout bug is far above
-DEFAULT_CONFIGS = "bf16,bf16:compile,int8:dequant,int8:torch,int8:dequant:compile,int4:dequant,int4:torch"
+DEFAULT_CONFIGS = ("bf16,bf16:compile,int8:dequant,int8:torch,int8:triton,int8:triton:compile,int4:dequant,int4:torch,"
+                   "int4:torch:compile,int4:triton,int4:triton:compile")
 
 
 def build(model_name: str, device: str, precision: str, backend: str, group_size: int
@@ -144,11 +146,14 @@ def main(argv: list[str] | None = None) -> None:
             ms = decode_ms(lm, args.prompt_len, args.max_tokens, args.repeats, cuda_graph, compile)
             row.update(tpot_ms=ms, floor_ms=nbytes / (bandwidth * 1e9) * 1e3,
                        fraction_of_copy_bandwidth=nbytes / (ms / 1e3) / (bandwidth * 1e9))
-        except (RuntimeError, NotImplementedError) as e:  # a kernel missing in this torch build: say so, go on
+        except Exception as e:  # a kernel missing in this torch build, a compiler failure: say so, go on
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         row["peak_gpu_mb"] = gpu_peak_mb(device)
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
+        if args.out:  # after every row: a run cut short still leaves what it measured
+            args.out.write_text(json.dumps({"device": device_name, "copy_bandwidth_gbs": bandwidth,
+                                            "torch": torch.__version__, "rows": rows}, indent=2))
         print(f"  {config:<24} " + (f"{row['tpot_ms']:.2f} ms/token, {row['fraction_of_copy_bandwidth']:.0%} of "
               f"copy bandwidth" if "tpot_ms" in row else row["error"]), flush=True)
         del lm
@@ -168,9 +173,6 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['fraction_of_copy_bandwidth']:>12.0%}{r['peak_gpu_mb']:>13.0f}{r['kernel_rel_error']:>12.1e}")
         else:
             print(f"{r['config']:<24}{r['weight_gb']:>11.2f}  {r['error']}")
-    if args.out:
-        args.out.write_text(json.dumps({"device": device_name, "copy_bandwidth_gbs": bandwidth,
-                                        "torch": torch.__version__, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ except inside one matmul. Two backends compute the product:
   exact, but on a GPU it writes and re-reads a float copy of the weight, so it is slower than plain BF16 at batch 1.
 - "torch": PyTorch's built-in weight-only kernels (`aten._weight_int8pack_mm`; `aten._weight_int4pack_mm`, the
   tinygemm kernel, on CUDA and its `_for_cpu` twin on CPU), which read the packed weight directly.
+- "triton" (GPU): our matrix-vector kernels (triton_gemv.py), which read our own packed layout directly, for up to
+  a few rows (decode); more rows, or a CPU, take the "dequant" path.
 `set_backend(model, name)` switches every quantized module; gpu_bench.py compares them.
 """
 from __future__ import annotations
@@ -18,10 +20,17 @@ from core.errors import UserError
 from quantization.packing import pack_int4, unpack_int4
 from quantization.rtn import dequantize_int4, quantize_int4, quantize_int8
 
-BACKENDS = ("dequant", "torch")
+BACKENDS = ("dequant", "torch", "triton")
 # Projections of a decoder layer; embeddings and the LM head stay in float (as AutoAWQ and GPTQ checkpoints do).
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+MATVEC_MAX_ROWS = 8  # the "triton" backend's kernels read the weights once per row: beyond a few rows, dequantize
+
+
+def use_matvec_kernel(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.numel() // x.shape[-1] <= MATVEC_MAX_ROWS
 
 
 class Int8Linear(nn.Module):
@@ -52,6 +61,9 @@ class Int8Linear(nn.Module):
         if self.backend == "torch":
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight, self.scales.to(x.dtype))
             y = y.reshape(*x.shape[:-1], -1)
+        elif self.backend == "triton" and use_matvec_kernel(x):
+            from quantization.triton_gemv import int8_matvec
+            y = int8_matvec(x.reshape(-1, x.shape[-1]), self.qweight, self.scales).reshape(*x.shape[:-1], -1)
         else:
             # Scaling the output instead of the weight: N multiplies per token rather than N*K.
             y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
@@ -124,6 +136,10 @@ class Int4Linear(nn.Module):
             x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # the kernels compute in bfloat16
             mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
             y = mm(x2, packed, self.group_size, sz).to(x.dtype).reshape(*x.shape[:-1], -1)
+        elif self.backend == "triton" and use_matvec_kernel(x):
+            from quantization.triton_gemv import int4_matvec
+            y = int4_matvec(x.reshape(-1, x.shape[-1]), self.qweight, self.scales, self.zeros, self.group_size)
+            y = y.reshape(*x.shape[:-1], -1)
         else:
             codes = self.codes().to(x.dtype).view(self.out_features, -1, self.group_size)
             w = ((codes - self.zeros.to(x.dtype)[..., None]) * self.scales.to(x.dtype)[..., None]).flatten(1)

@@ -133,6 +133,15 @@ case "${1:-}" in
       --prompts speculative/prompts_eval.json --num-prompts 2 --max-tokens 128 --sweep-k "" \
       --heads /root/models/smollm2-135m.medusa.safetensors --out "$OUT/spec_benchmark_h100.json"
     ;;
+  q)  # our Triton INT8/INT4 matrix-vector kernels beside PyTorch's, Llama-2-7B and Llama-2-70B shapes (no kit needed)
+    run quant_triton_7b 560 python -m quantization.gpu_bench --model llama2-7b --configs \
+      bf16:compile,int8:triton:compile,int4:torch:compile,int4:triton:compile \
+      --max-tokens 64 --repeats 3 --out "$OUT/quant_gpu_7b_triton.json"
+    ;;
+  q2)
+    run quant_triton_70b 560 python -m quantization.gpu_bench --model llama2-70b \
+      --configs int4:torch:compile,int4:triton:compile --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_70b_triton.json"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|e|ev|kv|f|g|g2|m|m2 (see the table at the top)"; exit 2 ;;
+    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|e|ev|kv|f|g|g2|m|m2|q|q2 (see the table at the top)"; exit 2 ;;
 esac
