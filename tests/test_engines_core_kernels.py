@@ -43,8 +43,10 @@ def check_kernel(heads: int, kv_heads: int, head_dim: int, block_size: int, dev:
     v_pool = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
     q = torch.randn(len(seq_lens), heads, head_dim, generator=g)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    out = paged_decode_attention(*[t.to(dev) for t in (q, k_pool, v_pool, tables, lens)]).cpu()
-    torch.testing.assert_close(out, gathered_attention(q, k_pool, v_pool, tables, lens), atol=1e-5, rtol=1e-5)
+    expected = gathered_attention(q, k_pool, v_pool, tables, lens)
+    for splits in (1, 4):  # 4: the short sequences leave some splits empty, the merge must ignore them
+        out = paged_decode_attention(*[t.to(dev) for t in (q, k_pool, v_pool, tables, lens)], num_splits=splits)
+        torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
 def check_engine_with_triton() -> None:
@@ -88,15 +90,17 @@ def test_triton_paged_decode_matches_plain_attention_gpu(shape):
 
 @pytest.mark.gpu
 def test_cuda_graph_decoding_equals_eager():
-    """Same greedy tokens with decode steps replayed from CUDA graphs (padded batch sizes) as eager, float32."""
+    """Same greedy tokens with decode steps replayed from CUDA graphs (padded batch sizes) as eager, float32.
+    Compilation is left off here (it reorders float sums); compiled layers are checked on CPU and by
+    engines/gpu_bench.py's logit-error column on a GPU."""
     from core.loading import load_model
     lm = load_model("tiny", "cuda", torch.float32, random_weights=True)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 1000) for _ in range(rng.randint(3, 40))] for _ in range(11)]
     params = SamplingParams(max_tokens=20, ignore_eos=True)
-    kw = dict(block_size=16, num_kv_blocks=128, max_model_len=256, max_num_seqs=16)
+    kw = dict(block_size=16, num_kv_blocks=128, max_model_len=256, max_num_seqs=16, skip_tokenizer_init=True)
     eager = LLM(lm, enforce_eager=True, **kw).generate(prompts, params, use_tqdm=False)
-    graphed_llm = LLM(lm, **kw)
+    graphed_llm = LLM(lm, torch_compile=False, **kw)
     assert graphed_llm.runner.graphs is not None
     graphed = graphed_llm.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]

@@ -4,8 +4,10 @@ The PyTorch path (paged_cache.py) first gathers a sequence's blocks into a conti
 that copies every key and value once more per layer, and decoding is bound by exactly those bytes. This kernel
 follows the block table itself and keeps a running (online) softmax, so each key and value is read once.
 
-One program per (sequence, KV head): it loads the GROUP query heads that share this KV head (grouped-query
-attention), walks the sequence's tokens a tile of blocks at a time, and writes the GROUP outputs.
+One program per (sequence, KV head, split): it loads the GROUP query heads that share this KV head (grouped-query
+attention), walks its share of the sequence's tokens a tile of blocks at a time, and writes the GROUP outputs. With
+one split that is the answer; with several (small batches, where (sequence, KV head) pairs alone would leave most of
+the GPU idle) each split also writes the log of its softmax mass, and a second kernel merges the splits.
 The arithmetic is done on CUDA cores in float32 (broadcast multiply and sum, no tensor cores): a decode query is a
 single row, so the work is memory-bound and the tile loads are what matter.
 """
@@ -17,13 +19,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables, seq_lens, out_ptr, scale,
+def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables, seq_lens, out_ptr, lse_ptr, scale,
                          stride_qb, stride_qh, stride_pb, stride_ps, stride_ph, stride_tb, stride_ob, stride_oh,
-                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         TILE: tl.constexpr, HEAD_DIM: tl.constexpr):
+                         stride_os, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         TILE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     seq_len = tl.load(seq_lens + b)
+    # This program's share of the sequence: whole tiles, so that every split but the last starts on a tile.
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), TILE) * TILE
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
@@ -34,9 +41,9 @@ def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables, seq_lens, out_ptr, scale
     l = tl.zeros([GROUP_PAD], tl.float32)                              # running sum of exp(score - m)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)                  # running sum of exp(score - m) * v
     t = tl.arange(0, TILE)
-    for start in range(0, seq_len, TILE):
+    for start in range(lo, hi, TILE):
         tok = start + t
-        valid = tok < seq_len
+        valid = tok < hi
         block = tl.load(tables + b * stride_tb + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         offset = block * stride_pb + (tok % BLOCK_SIZE) * stride_ps + kv_head * stride_ph   # [TILE]
         k = tl.load(k_pool + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
@@ -49,30 +56,68 @@ def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables, seq_lens, out_ptr, scale
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
-    out = acc / l[:, None]
-    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=head_ok[:, None])
+    has_keys = l > 0  # a split past the end of a short sequence saw nothing
+    out = acc / tl.where(has_keys, l, 1.0)[:, None]
+    out_at = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
+    tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    if NUM_SPLITS > 1:  # the log of each split's softmax mass, for the merge
+        lse = tl.where(has_keys, m + tl.log(l), float("-inf"))
+        tl.store(lse_ptr + (b * GROUP * tl.num_programs(1) + heads) * NUM_SPLITS + split, lse, mask=head_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, NUM_SPLITS: tl.constexpr,
+                         HEAD_DIM: tl.constexpr):
+    """out = sum_i w_i part_i / sum_i w_i with w_i = exp(lse_i - max lse): each split's softmax rescaled to the whole."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    row = b * tl.num_programs(1) + h
+    i = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(lse_ptr + row * NUM_SPLITS + i)
+    w = tl.exp(lse - tl.max(lse, axis=0))
+    part = tl.load(part_ptr + (row * NUM_SPLITS + i[:, None]) * HEAD_DIM + d[None, :]).to(tl.float32)
+    out = tl.sum(w[:, None] * part, axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def num_splits_for(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU: one per (sequence, KV head) when that already gives two per multiprocessor,
+    else the sequence split in up to 16 pieces. Depends on the batch size only, so a captured graph keeps it."""
+    if device.type != "cuda":
+        return 1
+    programs = batch * kv_heads
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return min(16, triton.next_power_of_2(max(1, -(-2 * sms // programs))))
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor) -> torch.Tensor:
+                           seq_lens: torch.Tensor, num_splits: int | None = None) -> torch.Tensor:
     """One query per sequence over its paged keys/values.
 
     q: [B, H, D]; k_pool, v_pool: [num_blocks, block_size, Hkv, D]; block_tables: int [B, max_blocks];
     seq_lens: int [B], keys per sequence (>= 1; the query's own key already written). Returns [B, H, D].
+    num_splits (a power of two; default: num_splits_for): with S > 1 each sequence's keys are cut into S parts
+    attended by S programs at once ("flash-decoding"), then merged; at batch 1 there are only Hkv (sequence, head)
+    pairs, too few programs to keep a GPU's memory system busy.
     """
     b, h, d = q.shape
     assert d == triton.next_power_of_2(d), "head_dim must be a power of two"
     block_size, hkv = k_pool.shape[1], k_pool.shape[2]
     group = h // hkv
     group_pad = triton.next_power_of_2(group)
+    splits = num_splits or num_splits_for(b, hkv, q.device)
     # Tiles as long as a [GROUP_PAD, TILE, D] product of ~8K floats allows: more loads in flight per program.
     tile = max(16, min(128, triton.next_power_of_2(max(8192 // (group_pad * d), 1))))
     q = q.contiguous()
     out = torch.empty_like(q)
-    _paged_decode_kernel[(b, hkv)](
-        q, k_pool, v_pool, block_tables, seq_lens, out, d ** -0.5,
+    part = out[:, :, None] if splits == 1 else torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(b, hkv, splits)](
+        q, k_pool, v_pool, block_tables, seq_lens, part, lse, d ** -0.5,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, TILE=tile, HEAD_DIM=d)
+        part.stride(0), part.stride(1), part.stride(2),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, TILE=tile, HEAD_DIM=d, NUM_SPLITS=splits)
+    if splits > 1:
+        _merge_splits_kernel[(b, h)](part, lse, out, out.stride(0), out.stride(1), NUM_SPLITS=splits, HEAD_DIM=d)
     return out
