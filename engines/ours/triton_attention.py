@@ -13,6 +13,8 @@ single row, so the work is memory-bound and the tile loads are what matter.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -86,9 +88,14 @@ def num_splits_for(batch: int, kv_heads: int, device: torch.device) -> int:
     else the sequence split in up to 16 pieces. Depends on the batch size only, so a captured graph keeps it."""
     if device.type != "cuda":
         return 1
-    programs = batch * kv_heads
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return min(16, triton.next_power_of_2(max(1, -(-2 * sms // programs))))
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return min(16, triton.next_power_of_2(max(1, -(-2 * sms // (batch * kv_heads)))))
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    """Asked once per device: this runs for every layer of every eager step."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
@@ -112,7 +119,8 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     q = q.contiguous()
     out = torch.empty_like(q)
     part = out[:, :, None] if splits == 1 else torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
+    # With one split the kernel writes no log-mass: any tensor fills the unused argument, nothing is allocated.
+    lse = part if splits == 1 else torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     _paged_decode_kernel[(b, hkv, splits)](
         q, k_pool, v_pool, block_tables, seq_lens, part, lse, d ** -0.5,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
