@@ -15,7 +15,7 @@ from benchmarks.load import run_load
 from benchmarks.metrics import parse_goodput, summarize
 from benchmarks.report import terminal_table
 from benchmarks.results import build_result, save_result
-from benchmarks.workloads import DATASETS, build_workload
+from benchmarks.workloads import DATASETS, build_workload, load_workload
 
 DEFAULT_RESULT_DIR = Path("results/benchmarks")
 
@@ -59,6 +59,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--server-metrics", action="store_true", help="poll the server's /metrics for KV-cache usage")
     w = p.add_argument_group("workload")
     w.add_argument("--dataset-name", default="random", choices=DATASETS)
+    w.add_argument("--workload-file", type=Path, default=None,
+                   help="serve the requests saved in this JSON (benchmarks.workloads.save_workload, or the case "
+                        "study's --workload-file) instead of building them: no dataset or tokenizer needed")
     w.add_argument("--num-prompts", type=int, default=32)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--random-input-len", type=int, default=128)
@@ -119,11 +122,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     tokenizer = _tokenizer(args)
     output_len = args.output_len if args.output_len is not None else (
         None if args.dataset_name == "sharegpt" else args.random_output_len)
-    specs = build_workload(tokenizer, args.dataset_name, args.num_prompts + args.num_warmups, args.seed,
-                           input_len=args.random_input_len, output_len=output_len,
-                           range_ratio=args.random_range_ratio, max_input_len=args.max_input_len,
-                           prefix_len=args.prefix_len, num_prefixes=args.num_prefixes, ignore_eos=ignore_eos,
-                           sharegpt_split=args.sharegpt_split)
+    n = args.num_prompts + args.num_warmups
+    if args.workload_file:
+        specs = load_workload(args.workload_file, n)
+    else:
+        specs = build_workload(tokenizer, args.dataset_name, n, args.seed, input_len=args.random_input_len,
+                               output_len=output_len, range_ratio=args.random_range_ratio,
+                               max_input_len=args.max_input_len, prefix_len=args.prefix_len,
+                               num_prefixes=args.num_prefixes, ignore_eos=ignore_eos,
+                               sharegpt_split=args.sharegpt_split)
     # Warm-ups are extra requests drawn after the measured ones, so the measured workload does not depend on them.
     warm, specs = specs[args.num_prompts:], specs[:args.num_prompts]
     backend = make_backend(args)

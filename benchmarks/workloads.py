@@ -7,12 +7,16 @@
 - prefix: --num-prefixes shared prefixes of --prefix-len tokens, each request one of them plus its own suffix of
   --random-input-len tokens (prefix caching workloads).
 Lengths are in tokens of the given tokenizer. Text windows are re-encoded after decoding, so prompt_len is the
-length the model really sees.
+length the model really sees. save_workload/load_workload carry a workload as JSON to a machine without the
+ShareGPT package (the lent GPU), which then serves exactly the same requests.
 """
 from __future__ import annotations
 
 import functools
+import json
 import random
+from dataclasses import asdict
+from pathlib import Path
 
 from core.data import plain_text, sharegpt_requests
 from core.errors import UserError
@@ -75,3 +79,19 @@ def build_workload(tokenizer, dataset: str, num_prompts: int, seed: int = 0, *, 
             specs.append(RequestSpec(text, len(tokenizer(text).input_ids), output_len, ignore_eos))
         return specs
     raise UserError(f"unknown dataset {dataset!r} (choose from {', '.join(DATASETS)})")
+
+
+def save_workload(path: Path, specs: list[RequestSpec]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([asdict(s) for s in specs]))
+
+
+def load_workload(path: Path, num_prompts: int) -> list[RequestSpec]:
+    """The first num_prompts requests of a file written by save_workload."""
+    try:
+        specs = [RequestSpec(**r) for r in json.loads(Path(path).read_text())][:num_prompts]
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot read a workload from {path}: {e}") from None
+    if len(specs) < num_prompts:
+        raise UserError(f"{path} holds {len(specs)} requests, fewer than --num-prompts {num_prompts}")
+    return specs

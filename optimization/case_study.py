@@ -23,7 +23,7 @@ from core.measure import run_isolated
 from core.registry import REGISTRY
 
 from benchmarks.backends.base import RequestSpec
-from benchmarks.workloads import build_workload
+from benchmarks.workloads import build_workload, load_workload, save_workload
 from optimization.steps import DESCRIPTIONS, StepConfig, run_step
 
 FINAL = "tuned-batching"  # the last step of our own stack; vLLM is the comparison row
@@ -39,9 +39,7 @@ def make_workload(model: str, num_prompts: int, max_output_len: int, max_input_l
     serves the same requests. Random weights get random prompt ids of the same lengths: text means nothing to them.
     """
     if workload_file is not None and workload_file.exists():
-        specs = [RequestSpec(**r) for r in json.loads(workload_file.read_text())][:num_prompts]
-        if len(specs) < num_prompts:
-            raise UserError(f"{workload_file} holds {len(specs)} requests, fewer than --num-prompts {num_prompts}")
+        specs = load_workload(workload_file, num_prompts)
     else:
         spec = REGISTRY.get(model)
         real_tokenizer = not random_weights and not (spec and spec.random_only)
@@ -49,8 +47,7 @@ def make_workload(model: str, num_prompts: int, max_output_len: int, max_input_l
         specs = build_workload(tokenizer, "sharegpt", num_prompts, seed, max_input_len=max_input_len,
                                ignore_eos=True, sharegpt_split="workload")
         if workload_file is not None:
-            workload_file.parent.mkdir(parents=True, exist_ok=True)
-            workload_file.write_text(json.dumps([asdict(s) for s in specs]))
+            save_workload(workload_file, specs)
     for s in specs:
         s.output_len = min(s.output_len, max_output_len)
     if random_weights:

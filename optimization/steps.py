@@ -178,8 +178,10 @@ def _engine(lm: LoadedModel, cfg: StepConfig, max_num_seqs: int, budget: int):
 
     max_len = max(s.prompt_len + s.output_len for s in cfg.specs) + 16
     # One engine serves every rate in turn: prefix caching off, or a rerun would find its prompts already cached.
+    # The INT4 layers stay uncompiled: with torch.compile, the engine's CUDA-graph capture of the 7B INT4 model failed
+    # on the H100 ("operation failed due to a previous error during capture"); CUDA graphs alone worked.
     return LLM(lm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_len,
-               enable_prefix_caching=False)
+               enable_prefix_caching=False, torch_compile=False)
 
 
 def run_step(name: str, cfg: StepConfig) -> dict:

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ours = {"rtn": lambda m: quantize_model(m, "int4", gs),
             "gptq": lambda m: gptq_model(m, ids, gs),
             "gptq-act-order": lambda m: gptq_model(m, ids, gs, act_order=True),
+            "gptq-act-order-mse": lambda m: gptq_model(m, ids, gs, act_order=True, observer="mse"),
             "awq": lambda m: awq_model(m, ids, gs, n_grid=args.n_grid, search_samples=args.search_samples)}
     chosen = args.ours.split(",")
     if any(c not in ours for c in chosen):

@@ -24,14 +24,18 @@ from core.__main__ import add_model_args
 from core.errors import cli
 from quantization.layerwise import LayerInputs, calibration_ids, observe_inputs, quantize_layer_by_layer
 from quantization.linear import LAYER_LINEARS, Int4Linear, set_module
-from quantization.rtn import int4_params
+from quantization.rtn import int4_params, int4_params_mse
+
+OBSERVERS = {"minmax": int4_params, "mse": int4_params_mse}  # how a group's scale and zero point are chosen
 
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, group_size: int = 128, symmetric: bool = False,
-                  damp_percent: float = 0.01, block_size: int = 128, act_order: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """W [N, K], H [K, K] -> (codes uint8 [N, K], scales float32 [N, G], zeros uint8 [N, G]), as rtn.quantize_int4."""
+                  damp_percent: float = 0.01, block_size: int = 128, act_order: bool = False,
+                  observer: str = "minmax") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W [N, K], H [K, K] -> (codes uint8 [N, K], scales float32 [N, G], zeros uint8 [N, G]), as rtn.quantize_int4.
+    observer: "minmax" (each group's full range) or "mse" (each group's range clipped where that lowers its error)."""
+    group_params = OBSERVERS[observer]
     W = W.float().clone()
     N, K = W.shape
     gs = K if group_size <= 0 else group_size
@@ -41,7 +45,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, group_size: int = 128, symme
     W[:, dead] = 0
     static = act_order or gs == K
     if static:
-        scales, zeros = int4_params(W, gs, symmetric)
+        scales, zeros = group_params(W, gs, symmetric)
     else:
         scales, zeros = W.new_zeros(N, K // gs), torch.zeros(N, K // gs, dtype=torch.uint8, device=W.device)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
@@ -58,7 +62,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, group_size: int = 128, symme
             col = int(perm[i1 + i])
             g = col // gs
             if not static and col % gs == 0:
-                s, z = int4_params(W1[:, i:i + gs], gs, symmetric)
+                s, z = group_params(W1[:, i:i + gs], gs, symmetric)
                 scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
             w, s, z = W1[:, i], scales[:, g], zeros[:, g].float()
             q = (torch.round(w / s) + z).clamp(0, 15)
@@ -101,23 +105,25 @@ def hessians(layer: nn.Module, names: list[str], inputs: LayerInputs, batch_size
 
 
 def gptq_layer(layer: nn.Module, inputs: LayerInputs, group_size: int = 128, symmetric: bool = False,
-               damp_percent: float = 0.01, act_order: bool = False, batch_size: int = 8) -> None:
+               damp_percent: float = 0.01, act_order: bool = False, batch_size: int = 8,
+               observer: str = "minmax") -> None:
     """Quantize every projection of one decoder layer in place (swapped for Int4Linear)."""
     names = list(LAYER_LINEARS)
     H = hessians(layer, names, inputs, batch_size)
     for name in names:
         lin = layer.get_submodule(name)
         codes, scales, zeros = gptq_quantize(lin.weight, H.pop(name), group_size, symmetric, damp_percent,
-                                             act_order=act_order)
+                                             act_order=act_order, observer=observer)
         bias = None if lin.bias is None else lin.bias.detach()
         set_module(layer, name, Int4Linear.from_codes(codes, scales, zeros, bias, lin.weight.dtype))
 
 
 def gptq_model(model: nn.Module, ids: torch.Tensor, group_size: int = 128, symmetric: bool = False,
-               damp_percent: float = 0.01, act_order: bool = False, batch_size: int = 8) -> nn.Module:
+               damp_percent: float = 0.01, act_order: bool = False, batch_size: int = 8,
+               observer: str = "minmax") -> nn.Module:
     """GPTQ the whole model from calibration ids [S, T], one decoder layer at a time."""
     quantize_layer_by_layer(model, ids, lambda layer, inp: gptq_layer(
-        layer, inp, group_size, symmetric, damp_percent, act_order, batch_size), "GPTQ", batch_size)
+        layer, inp, group_size, symmetric, damp_percent, act_order, batch_size, observer), "GPTQ", batch_size)
     return model
 
 
@@ -176,9 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     add_calibration_args(parser)
     parser.add_argument("--damp-percent", type=float, default=0.01)
     parser.add_argument("--act-order", action="store_true", help="quantize busy input channels first (desc_act)")
+    parser.add_argument("--observer", choices=list(OBSERVERS), default="minmax",
+                        help="group scales from each group's full range, or clipped where that lowers the error")
     args = parser.parse_args(argv)
     run_method(args, "GPTQ", lambda model, ids, gs: gptq_model(
-        model, ids, gs, args.symmetric, args.damp_percent, args.act_order, args.batch_size))
+        model, ids, gs, args.symmetric, args.damp_percent, args.act_order, args.batch_size, args.observer))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from core.loading import load_model
 from speculative.common import SpecStats, speculative_generate
 from speculative.draft import load_draft, run_draft
 from speculative.lookahead import run_lookahead
-from speculative.medusa import TREES, default_heads_path, load_heads, run_medusa
+from speculative.medusa import TREES, committed_heads, load_heads, run_medusa
 from speculative.prompt_lookup import run_prompt_lookup
 
 CODE_BLOCK = re.compile(r"```[a-zA-Z]*\n(.{200,900}?)```", re.S)
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-k", default="1,2,4,8", help="k values for the speed-up vs k plot ('' skips)")
     parser.add_argument("--draft-model", default=None)
     parser.add_argument("--draft-layers", default="0-7,18-29")
-    parser.add_argument("--heads", default=None, help="Medusa heads (default: the committed ones, if any)")
+    parser.add_argument("--heads", default=None,
+                        help="Medusa heads file, or a comma list to compare several (default: every committed one)")
     parser.add_argument("--tree", default="default", choices=list(TREES))
     parser.add_argument("--window-size", type=int, default=4)
     parser.add_argument("--ngram-size", type=int, default=4)
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     lm = load_model(args.model, args.device, args.dtype, args.random_weights)
     model, tok = lm.model, lm.tokenizer
     draft, draft_label = load_draft(lm, args.draft_model, args.draft_layers, args.device, args.dtype)
-    heads_path = Path(args.heads) if args.heads else default_heads_path(lm.name)
-    heads = load_heads(heads_path, model) if (args.heads or heads_path.exists()) else None
+    heads_paths = [Path(h) for h in args.heads.split(",")] if args.heads else committed_heads(lm.name)
+    all_heads = [load_heads(path, model) for path in heads_paths]
     sweep = [int(k) for k in args.sweep_k.split(",") if k.strip()]
     params = SamplingParams(args.max_tokens)
 
@@ -132,9 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         f"lookahead W={args.window_size} N={args.ngram_size}":
             lambda p: run_lookahead(model, p, params, args.window_size, args.ngram_size),
     }
-    if heads is not None:
-        methods[f"medusa {len(heads.blocks)} heads, {args.tree} tree"] = \
-            lambda p: run_medusa(model, heads, p, params, TREES[args.tree])
+    for i, heads in enumerate(all_heads):
+        name = f"medusa{'+token' if heads.token_conditioned else ''} {len(heads.blocks)} heads, {args.tree} tree"
+        name += f" #{i + 1}" if name in methods else ""
+        methods[name] = lambda p, heads=heads: run_medusa(model, heads, p, params, TREES[args.tree])
     table = ["plain", *methods]
     for k in sweep:  # k values the main table already runs are not run twice
         methods.setdefault(f"draft k={k}", lambda p, k=k: run_draft(model, draft, p, params, k))
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                                      "stats": result.stats, "identical": result.tokens == plain.tokens})
 
     report = {"model": lm.label, "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
-              "draft": draft_label, "heads": str(heads_path) if heads is not None else None,
+              "draft": draft_label, "heads": [str(p) for p in heads_paths] if all_heads else None,
               "max_tokens": args.max_tokens, "num_prompts_per_kind": args.num_prompts,
               "prompts": "ShareGPT evaluation split", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "results": {}}
@@ -169,13 +171,13 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\n{lm.label}, batch 1, greedy, {args.max_tokens} new tokens, {args.num_prompts} ShareGPT evaluation "
           f"prompts per kind, {torch.get_num_threads()} thread(s); {draft_label}")
-    head = f"{'kind':<6}{'method':<36}{'tok/s':>8}{'speed-up':>9}{'tok/pass':>9}{'same':>6}  acceptance per position"
+    head = f"{'kind':<6}{'method':<40}{'tok/s':>8}{'speed-up':>9}{'tok/pass':>9}{'same':>6}  acceptance per position"
     print(head + "\n" + "-" * len(head))
     for kind, res in report["results"].items():
         for name in table:
             r = res[name]
             acc = " ".join(f"{a:.2f}" for a in r["acceptance_rate_per_pos"][:8])
-            print(f"{kind:<6}{name:<36}{r['output_throughput']:>8.1f}{r['speedup']:>8.2f}x"
+            print(f"{kind:<6}{name:<40}{r['output_throughput']:>8.1f}{r['speedup']:>8.2f}x"
                   f"{r['mean_accepted_tokens_per_step']:>9.2f}{'yes' if r['identical_to_plain'] else 'NO':>6}  {acc}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -4,9 +4,12 @@ top candidates is verified in one forward pass with a tree attention mask; typic
 Head k maps the last hidden state h to h + SiLU(W_k h) (a residual block, W_k zero-initialised so an untrained
 head starts as the base LM head) and then through the model's own frozen LM head. Sharing the LM head keeps each
 head at hidden^2 parameters (0.3 M for SmolLM2-135M) instead of hidden x vocab; the paper trains a copy per head.
-The heads file records the model it was trained for and refuses any other.
+The heads file records the model it was trained for and refuses any other. Token-conditioned heads (train with
+--token-conditioned) also read the embedding of the token the target has just chosen: a step towards Hydra's
+sequentially dependent heads that keeps Medusa's tree and single verification pass.
 
     python -m speculative.train_medusa                      # writes speculative/heads/smollm2-135m.medusa.safetensors
+    python -m speculative.train_medusa --token-conditioned  # ... smollm2-135m.medusa-token.safetensors
     python -m speculative.medusa --prompt "Give me three tips for a job interview."
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import nn
 from core.__main__ import add_model_args
 from core.errors import UserError, cli
 from core.generate import SamplingParams, chat_prompt, probabilities
-from core.kv_cache import EMPTY, attention
+from core.kv_cache import attention
 from core.loading import load_model
 from core.model import Transformer
 from speculative.common import (RollbackKVCache, SpecResult, SpecStats, check_prompt, finish, pick,
@@ -30,27 +33,36 @@ from speculative.common import (RollbackKVCache, SpecResult, SpecStats, check_pr
 HEADS_DIR = Path(__file__).parent / "heads"
 
 # Candidate trees as paths of top-i choices per depth (Medusa's `medusa_choices`): (0, 1) is head 1's best token
-# followed by head 2's second best. Parents come before children.
+# followed by head 2's second best. Parents come before children. Each tree starts with the chain of best guesses,
+# the path accepted most often: its tokens then already sit in consecutive cache slots and need no moving.
 TREES = {
     "chain": [(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)],
-    "small": [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0)],
-    "default": [(0,), (1,), (2,), (3,), (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (0, 0, 0), (0, 0, 1),
-                (0, 1, 0), (1, 0, 0), (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 1, 0, 0), (1, 0, 0, 0)],
+    "small": [(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0), (1,), (2,), (0, 1), (1, 0), (0, 0, 1)],
+    "default": [(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0), (1,), (2,), (3,), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0),
+                (0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 1, 0, 0), (1, 0, 0, 0)],
 }
 
 
 class MedusaHeads(nn.Module):
-    """K residual blocks; `forward(h [..., H], lm_head) -> logits [..., K, V]` for tokens t+2 .. t+K+1."""
+    """K residual blocks; `forward(h [..., H], lm_head) -> logits [..., K, V]` for tokens t+2 .. t+K+1.
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    token_conditioned: each block also reads the embedding of token t+1, which is known when the heads run (the
+    target has just chosen it from h): head k then guesses t+k+1 knowing the token before the first guess, as
+    Hydra's heads do for their first step. Same tree, same verification; only the heads' input grows to 2H.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, token_conditioned: bool = False):
         super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_heads))
+        self.token_conditioned = token_conditioned
+        width = 2 * hidden_size if token_conditioned else hidden_size
+        self.blocks = nn.ModuleList(nn.Linear(width, hidden_size) for _ in range(num_heads))
         for block in self.blocks:
             nn.init.zeros_(block.weight)
             nn.init.zeros_(block.bias)
 
-    def forward(self, h: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
-        z = torch.stack([h + nn.functional.silu(block(h)) for block in self.blocks], dim=-2)
+    def forward(self, h: torch.Tensor, lm_head: nn.Linear, next_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        x = torch.cat([h, next_embedding], dim=-1) if self.token_conditioned else h
+        z = torch.stack([h + nn.functional.silu(block(x)) for block in self.blocks], dim=-2)
         return lm_head(z)  # one matmul for all heads: the LM head weight is read once
 
 
@@ -69,7 +81,8 @@ def save_heads(heads: MedusaHeads, model: Transformer, model_name: str, path: Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in heads.state_dict().items()}
     save_file(tensors, str(path), metadata={"model": model_name, "fingerprint": model_fingerprint(model),
-                                            "num_heads": str(len(heads.blocks)), "command": command})
+                                            "num_heads": str(len(heads.blocks)), "command": command,
+                                            "token_conditioned": str(int(heads.token_conditioned))})
 
 
 def load_heads(path: str | Path, model: Transformer) -> MedusaHeads:
@@ -86,28 +99,45 @@ def load_heads(path: str | Path, model: Transformer) -> MedusaHeads:
         raise UserError(f"Medusa heads {path} were trained for {meta.get('model', 'another model')} "
                         f"(fingerprint {meta.get('fingerprint')}), not for these weights")
     p = next(model.parameters())
-    heads = MedusaHeads(model.config.hidden_size, int(meta["num_heads"]))
+    heads = MedusaHeads(model.config.hidden_size, int(meta["num_heads"]), meta.get("token_conditioned") == "1")
     heads.load_state_dict(tensors)
     return heads.to(device=p.device, dtype=p.dtype)
 
 
-def default_heads_path(model_name: str) -> Path:
-    return HEADS_DIR / f"{Path(model_name).name}.medusa.safetensors"
+def default_heads_path(model_name: str, token_conditioned: bool = False) -> Path:
+    return HEADS_DIR / f"{Path(model_name).name}.medusa{'-token' if token_conditioned else ''}.safetensors"
+
+
+def committed_heads(model_name: str) -> list[Path]:
+    """The heads files committed for a model, the stronger (token-conditioned) first."""
+    return [p for p in (default_heads_path(model_name, True), default_heads_path(model_name)) if p.exists()]
 
 
 class TreeKVCache(RollbackKVCache):
-    """While `tree_mask` [T, T] is set, the T new tokens see the whole cached prefix and their tree ancestors."""
+    """Batch 1. While a tree is set (`set_tree`), its T tokens see the whole cached prefix and their tree ancestors.
+
+    The mask [T, prefix + T] is built once per pass, not once per layer: every layer sees the same prefix."""
 
     tree_mask: torch.Tensor | None = None
+
+    def set_tree(self, tree_mask: torch.Tensor | None) -> None:
+        if tree_mask is not None:  # the prefix holds only real tokens: keep() and truncate() leave no holes
+            prefix = torch.ones(len(tree_mask), self.lengths[0], dtype=torch.bool, device=tree_mask.device)
+            tree_mask = torch.cat([prefix, tree_mask], dim=-1)
+        self.tree_mask = tree_mask
 
     def attend(self, layer, q, k, v, positions):
         if self.tree_mask is None:
             return super().attend(layer, q, k, v, positions)
-        keys, values, key_pos = self.update(layer, k, v, positions)
-        t = q.shape[2]
-        prefix = (key_pos[:, None, :-t] != EMPTY).expand(-1, t, -1)
-        mask = torch.cat([prefix, self.tree_mask[None].expand(key_pos.shape[0], -1, -1)], dim=-1)
-        return attention(q, keys, values, mask[:, None])
+        keys, values, _ = self.update(layer, k, v, positions)
+        return attention(q, keys, values, self.tree_mask)
+
+    def keep_path(self, start: int, slots: list[int]) -> None:
+        """keep() for a path given on the host: a path already in consecutive slots from `start` moves nothing."""
+        if slots == list(range(start, start + len(slots))):
+            self.truncate(start + len(slots))
+        else:
+            self.keep(start, torch.tensor(slots, device=self.key_pos.device))
 
 
 class Tree:
@@ -172,20 +202,23 @@ def run_medusa(model: Transformer, heads: MedusaHeads, prompt: list[int], params
     t0 = time.perf_counter()
     while not done:
         cached = len(prompt) + len(new) - 1
-        ids = tree.tokens(new[-1], heads(h, model.lm_head))
-        cache.tree_mask = tree.mask
+        # new[-1] is the pending token (the root): chosen from h, not yet in the cache.
+        emb = model.embed_tokens.weight[new[-1]] if heads.token_conditioned else None
+        ids = tree.tokens(new[-1], heads(h, model.lm_head, emb))
+        cache.set_tree(tree.mask)
         hs = model.hidden_states(ids[None], (cached + tree.depth)[None], cache)[0]
-        cache.tree_mask = None
+        cache.set_tree(None)
         logits = model.lm_head(hs).float()  # [n, V]
         ok = accepts(ids, logits[tree.parent], params, posterior_threshold, posterior_alpha)
         ok[0] = True
-        for i in range(1, len(ok)):  # parents come first, so one pass makes `ok` mean "whole path accepted"
-            ok[i] &= ok[tree.parent[i]]
-        # Deepest accepted node; among equals the one the target likes best (greedy has at most one per depth).
-        score = tree.depth * 1e4 + logits[tree.parent].log_softmax(-1).gather(-1, ids[:, None])[:, 0]
-        best = int(torch.where(ok, score, torch.full_like(score, -1e9)).argmax())
+        path_ok = ~(tree.mask & ~ok).any(-1)  # a node counts only if it and all its ancestors are accepted
+        # Deepest accepted node. Greedy has at most one per depth; sampling breaks ties by the target's preference.
+        score = tree.depth.to(logits.dtype)
+        if params.temperature > 0:
+            score = score * 1e4 + logits[tree.parent].log_softmax(-1).gather(-1, ids[:, None])[:, 0]
+        best = int(torch.where(path_ok, score, torch.full_like(score, -1e9)).argmax())
         path = tree.ancestors[best]
-        cache.keep(cached + 1, cached + torch.tensor(path, dtype=torch.long, device=device))
+        cache.keep_path(cached + 1, [cached + node for node in path])
         stats.record(tree.max_depth, len(path))
         done = finish(new, ids[path].tolist() + [pick(logits[best], params, gen)], stop, params.max_tokens)
         h = hs[best]
@@ -196,7 +229,8 @@ def run_medusa(model: Transformer, heads: MedusaHeads, prompt: list[int], params
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    parser.add_argument("--heads", default=None, help="heads file (default: speculative/heads/<model>.medusa...)")
+    parser.add_argument("--heads", default=None,
+                        help="heads file (default: the committed ones, speculative/heads/<model>.medusa-token...)")
     parser.add_argument("--tree", default="default", choices=list(TREES))
     parser.add_argument("--prompt", default="Give me three tips for a successful job interview.")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -204,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
     lm = load_model(args.model, args.device, args.dtype, args.random_weights)
-    heads = load_heads(args.heads or default_heads_path(lm.name), lm.model)
+    found = committed_heads(lm.name)
+    heads = load_heads(args.heads or (found[0] if found else default_heads_path(lm.name)), lm.model)
     prompt = chat_prompt(lm.tokenizer, args.prompt)
     params = SamplingParams(args.max_tokens, args.temperature, seed=args.seed)
     plain = speculative_generate(lm.model, prompt, params)

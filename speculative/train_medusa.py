@@ -113,27 +113,30 @@ def self_distillation_data(model: Transformer, prompts: list[list[int]], gen_len
 
 
 def head_batches(data, num_heads: int):
-    """Flatten to (hidden [N, H], targets [N, K]) with -100 where the answer ends before the k-th next token."""
-    hs, ys = [], []
+    """Flatten to (hidden [N, H], next token [N], targets [N, K]) with -100 where the answer ends before the k-th
+    token after the next one. The next token is what the target picks from the hidden state (token-conditioned
+    heads read it)."""
+    hs, nexts, ys = [], [], []
     for h, answer in data:
         n = len(answer)
         y = torch.full((n, num_heads), -100, dtype=torch.long, device=answer.device)
         for k in range(1, num_heads + 1):  # hidden t (its next token is answer[t]) -> head k predicts answer[t+k]
             y[: max(n - k, 0), k - 1] = answer[k:]
         hs.append(h[:n])
+        nexts.append(answer)
         ys.append(y)
-    return torch.cat(hs), torch.cat(ys)
+    return torch.cat(hs), torch.cat(nexts), torch.cat(ys)
 
 
 @torch.no_grad()
-def head_accuracy(heads: MedusaHeads, lm_head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
-                  chunk: int = 256) -> tuple[list[float], list[float]]:
+def head_accuracy(heads: MedusaHeads, lm_head: torch.nn.Linear, embed: torch.Tensor, hidden: torch.Tensor,
+                  nexts: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> tuple[list[float], list[float]]:
     """Per head, the fraction of positions whose target token is the head's best guess (top-1) or among its best
     five (top-5: the candidate tree draws on a head's top few)."""
     top1 = torch.zeros(targets.shape[1], device=targets.device)
     top5 = torch.zeros_like(top1)
     for i in range(0, len(hidden), chunk):
-        best = heads(hidden[i:i + chunk].float(), lm_head).topk(5, dim=-1).indices  # [n, K, 5]
+        best = heads(hidden[i:i + chunk].float(), lm_head, embed[nexts[i:i + chunk]]).topk(5, dim=-1).indices
         y = targets[i:i + chunk]
         top1 += (best[..., 0] == y).sum(0)
         top5 += (best == y[..., None]).any(-1).sum(0)
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--token-conditioned", action="store_true",
+                        help="heads also read the embedding of the next token (see MedusaHeads)")
     parser.add_argument("--num-prompts", type=int, default=48, help="training-split prompts to answer")
     parser.add_argument("--prompts-file", default=None,
                         help="token-id prompts written by --export-prompts (default: ShareGPT via core.data)")
@@ -192,17 +197,18 @@ def main(argv: list[str] | None = None) -> None:
     cuda_graph = device.type == "cuda" and not args.enforce_eager
     data = self_distillation_data(model, prompts, args.gen_len, args.gen_batch_size, cuda_graph)
     n_hold = max(1, int(len(data) * args.holdout))
-    train_h, train_y = head_batches(data[n_hold:], args.num_heads)
-    hold_h, hold_y = head_batches(data[:n_hold], args.num_heads)
+    train_h, train_next, train_y = head_batches(data[n_hold:], args.num_heads)
+    hold_h, hold_next, hold_y = head_batches(data[:n_hold], args.num_heads)
     del data
     data_s = seconds_since(t_data, device)
     print(f"{len(train_h)} training positions, {len(hold_h)} held out ({data_s:.0f} s)")
 
     t_train = time.perf_counter()
-    heads = MedusaHeads(model.config.hidden_size, args.num_heads).to(device)
-    # A float32 copy of the frozen LM head, so the model itself is left as it is (its LM head shares its weight
-    # with the embeddings).
+    heads = MedusaHeads(model.config.hidden_size, args.num_heads, args.token_conditioned).to(device)
+    # Float32 copies of the frozen LM head and embeddings, so the model itself is left as it is (its LM head shares
+    # its weight with the embeddings).
     lm_head = copy.deepcopy(model.lm_head).float()
+    embed = model.embed_tokens.weight.detach().float()
     # On a GPU the matmuls run in bfloat16 (the LM head over 49k tokens is nearly all the work); the heads'
     # weights, the optimiser and the loss stay float32.
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
@@ -218,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
             idx = order[i:i + args.batch_size]
             y = train_y[idx]
             with autocast:
-                logits = heads(train_h[idx].float(), lm_head)  # [B, K, V]
+                logits = heads(train_h[idx].float(), lm_head, embed[train_next[idx]])  # [B, K, V]
             ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-100,
                                                    reduction="none")  # [B, K], 0 where there is no target
             per_head = ce.sum(0) / (y != -100).sum(0).clamp(min=1)
@@ -234,9 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
     losses = torch.stack(losses).tolist()
     train_s = seconds_since(t_train, device)
-    top1, top5 = head_accuracy(heads, lm_head, hold_h, hold_y)
+    top1, top5 = head_accuracy(heads, lm_head, embed, hold_h, hold_next, hold_y)
 
-    out = Path(args.out) if args.out else default_heads_path(lm.name)
+    out = Path(args.out) if args.out else default_heads_path(lm.name, args.token_conditioned)
     command = "python -m speculative.train_medusa " + shlex.join(argv if argv is not None else sys.argv[1:])
     source = PROMPTS_SOURCE + (f" (token ids from {args.prompts_file})" if args.prompts_file else "")
     save_heads(heads, model, lm.name, out, command)
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": lm.label, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "command": command, "prompts": source, "date": time.strftime(
             "%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "num_heads": args.num_heads, "num_prompts": len(prompts), "gen_len": args.gen_len,
+        "num_heads": args.num_heads, "token_conditioned": args.token_conditioned, "num_prompts": len(prompts), "gen_len": args.gen_len,
         "num_train_answers": len(prompts) - n_hold, "num_heldout_answers": n_hold,
         "num_train_tokens": len(train_h), "num_heldout_tokens": len(hold_h),
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "steps": steps,

@@ -67,6 +67,8 @@ def export_medusa(heads: MedusaHeads, model: Transformer, out: Path) -> Path:
     """Our heads (residual block, shared LM head) as vLLM's MedusaModel folder: one LM head copy per head."""
     from safetensors.torch import save_file
 
+    if heads.token_conditioned:
+        raise UserError("vLLM's Medusa heads read the hidden state alone: token-conditioned heads cannot be exported")
     cfg = model.config
     tensors = {}
     for i, block in enumerate(heads.blocks):

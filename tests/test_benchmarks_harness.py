@@ -16,7 +16,7 @@ from benchmarks.plot import plot_all
 from benchmarks.report import markdown_report, terminal_table
 from benchmarks.results import load_results, write_atomic
 from benchmarks.server import stub_server
-from benchmarks.workloads import build_workload
+from benchmarks.workloads import build_workload, load_workload, save_workload
 from core.errors import UserError
 
 
@@ -78,6 +78,19 @@ def test_cli_against_stub_writes_results_and_records_failures(stub, tmp_path, sm
     assert (m["completed"], m["failed"]) == (1, 3)
     table = terminal_table({**m, "errors": [x.error for x in records], "backend": "openai"})
     assert "3 failed requests" in table and "HTTP 500" in table
+
+
+def test_workload_file_is_served_as_saved(stub, tmp_path, smollm):
+    specs = build_workload(smollm.tokenizer, "random", 5, seed=1, input_len=16, output_len=6, range_ratio=0.5)
+    path = tmp_path / "workload.json"
+    save_workload(path, specs)
+    assert load_workload(path, 5) == specs
+    base = ["--backend", "openai", "--base-url", stub, "--workload-file", str(path), "--result-dir", str(tmp_path),
+            "--no-progress"]
+    (r,) = _run(base + ["--num-prompts", "4"])
+    assert r["completed"] == 4
+    with pytest.raises(UserError, match="fewer than --num-prompts 6"):
+        _run(base + ["--num-prompts", "6"])
 
 
 def test_report_and_plots_from_result_files(stub, tmp_path):

@@ -19,9 +19,9 @@ def smollm_layer0(smollm):
     return smollm.model.layers[0], layer0_inputs(smollm.model, ids)
 
 
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("act_order,observer", [(False, "minmax"), (True, "minmax"), (True, "mse")])
 @pytest.mark.parametrize("name", ["self_attn.q_proj", "mlp.down_proj"])
-def test_gptq_reconstruction_error_below_rtn(smollm_layer0, name, act_order):
+def test_gptq_reconstruction_error_below_rtn(smollm_layer0, name, act_order, observer):
     layer, inputs = smollm_layer0
     H = hessians(layer, [name], inputs)[name]
     W = layer.get_submodule(name).weight.detach()
@@ -31,7 +31,7 @@ def test_gptq_reconstruction_error_below_rtn(smollm_layer0, name, act_order):
         return torch.einsum("nk,kj,nj->", D, H, D).item()
 
     rtn = loss(dequantize_int4(*quantize_int4(W, 64)))
-    codes, scales, zeros = gptq_quantize(W, H, 64, act_order=act_order)
+    codes, scales, zeros = gptq_quantize(W, H, 64, act_order=act_order, observer=observer)
     assert codes.max() <= 15 and scales.shape == (W.shape[0], W.shape[1] // 64)
     gptq = loss(dequantize_int4(codes, scales, zeros))
     assert gptq < 0.9 * rtn

@@ -5,13 +5,13 @@ import torch
 from core.errors import UserError
 from core.generate import SamplingParams, chat_prompt, generate
 from speculative.common import speculative_generate
-from speculative.medusa import (TREES, MedusaHeads, Tree, TreeKVCache, default_heads_path, load_heads, run_medusa,
+from speculative.medusa import (TREES, MedusaHeads, Tree, TreeKVCache, committed_heads, load_heads, run_medusa,
                                 save_heads)
 
 
-def _random_heads(model, num_heads=4, seed=0):
+def _random_heads(model, num_heads=4, seed=0, token_conditioned=False):
     torch.manual_seed(seed)
-    heads = MedusaHeads(model.config.hidden_size, num_heads)
+    heads = MedusaHeads(model.config.hidden_size, num_heads, token_conditioned)
     for block in heads.blocks:
         torch.nn.init.normal_(block.weight, std=0.5)
     return heads
@@ -24,7 +24,7 @@ def test_tree_attention_equals_each_path_alone(tiny):
     with torch.inference_mode():
         cache = TreeKVCache.for_model(m, 1, 64)
         m(torch.tensor([prefix]), cache=cache)
-        cache.tree_mask = tree.mask
+        cache.set_tree(tree.mask)
         tree_h = m.hidden_states(ids[None], (len(prefix) + tree.depth)[None], cache)[0]
         for node, path in enumerate(tree.ancestors):
             chain = [prefix + [7] + ids[path].tolist()]
@@ -38,23 +38,56 @@ def test_greedy_identical_tiny_random_heads(tiny):
     plain = speculative_generate(tiny.model, prompt, p).tokens
     for tree in TREES:
         assert run_medusa(tiny.model, _random_heads(tiny.model), prompt, p, TREES[tree]).tokens == plain, tree
+    conditioned = _random_heads(tiny.model, token_conditioned=True)
+    assert run_medusa(tiny.model, conditioned, prompt, p).tokens == plain
+
+
+def test_accepted_path_off_the_chain_is_moved_into_place(smollm):
+    """Heads whose best guesses are always wrong but whose second guesses are right: every accepted path leaves the
+    chain of best guesses, so keep_path must move the tokens, and the output must still equal plain greedy."""
+    p = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompt = chat_prompt(smollm.tokenizer, "What is machine learning?")
+    plain = speculative_generate(smollm.model, prompt, p).tokens
+    result = run_medusa(smollm.model, OracleHeads(smollm.model, prompt + plain), prompt, p, TREES["default"])
+    assert result.tokens == plain
+    assert result.stats.mean_accepted_per_step > 1.5  # the second guesses were accepted, so paths were moved
+
+
+class OracleHeads(torch.nn.Module):
+    """Test heads that know the answer: at the hidden state of position t, head k ranks the true token t+k+1
+    second and a wrong token first. Positions are found by matching h against the hidden states of the sequence."""
+
+    token_conditioned = False
+
+    def __init__(self, model, sequence: list[int], num_heads: int = 4):
+        super().__init__()
+        with torch.inference_mode():
+            self.hidden = model.hidden_states(torch.tensor([sequence]))[0]
+        self.sequence, self.blocks = sequence, [None] * num_heads
+
+    def forward(self, h, lm_head, next_embedding=None):
+        t = int((self.hidden - h).norm(dim=-1).argmin())
+        logits = torch.zeros(len(self.blocks), lm_head.weight.shape[0])
+        for k in range(len(self.blocks)):
+            true = self.sequence[min(t + 2 + k, len(self.sequence) - 1)]
+            logits[k, true], logits[k, (true + 1) % logits.shape[1]] = 1.0, 2.0
+        return logits
 
 
 def test_heads_file_must_match_model(tiny, smollm, tmp_path):
     path = tmp_path / "h.safetensors"
     save_heads(_random_heads(tiny.model, 2), tiny.model, "tiny", path, "test")
     assert len(load_heads(path, tiny.model).blocks) == 2
+    save_heads(_random_heads(tiny.model, 2, token_conditioned=True), tiny.model, "tiny", path, "test")
+    assert load_heads(path, tiny.model).token_conditioned
     with pytest.raises(UserError, match="trained for tiny"):
         load_heads(path, smollm.model)
 
 
-COMMITTED = default_heads_path("smollm2-135m")
-
-
-@pytest.mark.skipif(not COMMITTED.exists(), reason="no committed Medusa heads")
-def test_committed_heads_match_default_model_and_keep_greedy_output(smollm):
-    heads = load_heads(COMMITTED, smollm.model)  # raises if the file was trained for other weights
-    assert (COMMITTED.parent / (COMMITTED.name + ".command.txt")).exists()
+@pytest.mark.parametrize("path", committed_heads("smollm2-135m"), ids=lambda p: p.name)
+def test_committed_heads_match_default_model_and_keep_greedy_output(smollm, path):
+    heads = load_heads(path, smollm.model)  # raises if the file was trained for other weights
+    assert (path.parent / (path.name + ".command.txt")).exists()
     p = SamplingParams(max_tokens=32)
     accepted = 0
     for text in ["Give me three tips for a successful job interview.", "What is machine learning?"]:

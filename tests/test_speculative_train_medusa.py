@@ -27,7 +27,8 @@ def test_batched_data_equals_one_prompt_at_a_time(tiny):
 
 def test_head_targets_are_the_tokens_k_ahead():
     answer = torch.tensor([10, 11, 12, 13])
-    _, y = head_batches([(torch.zeros(4, 8), answer)], 3)
+    _, nexts, y = head_batches([(torch.zeros(4, 8), answer)], 3)
+    assert nexts.tolist() == [10, 11, 12, 13]  # what the target picks from each hidden state
     assert y.tolist() == [[11, 12, 13], [12, 13, -100], [13, -100, -100], [-100, -100, -100]]
 
 

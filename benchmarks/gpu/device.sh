@@ -15,8 +15,10 @@
 #   5     .device-kit/part-ac                           d: the case study, Llama-2-7B shape (random weights)
 #   6     (nothing more)                                f: serving over HTTP (ours vs vLLM), the case study on the default model
 #   7     (nothing more)                                ev: vLLM's speculative decoding; c: both engines, both shapes
-# This session's sequence (one machine holds 30 minutes): 1 smollm2-aa part-ac wheels -> g2; 2 smollm2-ab
-# medusa_prompts.json -> m; 3 part-aa -> m2; 4 part-ab -> c.
+# The fourth session's sequence (one machine holds 30 minutes): 1 smollm2-aa part-ac wheels -> g2; 2 smollm2-ab
+# medusa_prompts.json -> m; 3 part-aa -> m2; 4 part-ab -> c. The fifth's: 1 smollm2-aa part-ac wheels
+# workload-1024x512.json medusa_prompts.json -> stage; 2 smollm2-ab -> m3; 3 part-aa -> m4; 4 part-ab -> f; 5 -> d;
+# then on a fresh machine 6 smollm2-aa workload-1024x512.json -> stage; 7 smollm2-ab -> f3.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder;
 #  kit parts may come in any order: the script unpacks each kit once all its parts are there)
 #
@@ -102,13 +104,18 @@ case "${1:-}" in
     run tp1_7b 120 python -m parallelism.scaling --device cuda --model llama2-7b --random-weights \
       --tensor-parallel-sizes 1 --input-len 512 --max-tokens 64 --verbose --out "$OUT/tp_llama2-7b_1gpu.json"
     ;;
-  f)  # the serving run needs the ShareGPT package for its random text windows: not on the lent machine yet
-    run serving 200 python -m engines.vllm.serve --engines ours,vllm --random-weights --device cuda \
-      --dtype bfloat16 --max-model-len 2048 --max-num-seqs 256 --dataset-name random --random-input-len 256 \
-      --random-output-len 128 --random-range-ratio 0.5 --num-prompts 600 --request-rate 32 --no-progress \
-      --log-dir "$OUT/serve_logs" --result-dir "$OUT/serve_results"
-    # No ShareGPT package here: AWQ calibration and perplexity need it, so RTN and no perplexity on this machine.
-    run case_smollm2 360 python -m optimization --device cuda --workload-file "$WORKLOAD" --num-prompts 32 \
+  f)  # serving over HTTP, ours vs vLLM: the default model on the saved ShareGPT requests, Poisson arrivals, 3 rates
+    run serving 580 python -m engines.vllm.serve --engines vllm,ours --device cuda --dtype bfloat16 \
+      --max-model-len 2048 --max-num-seqs 256 --workload-file "$WORKLOAD" --num-prompts 400 \
+      --request-rate 16,32,64 --no-progress --log-dir "$OUT/serve_logs" --result-dir "$OUT/serve_results"
+    ;;
+  f3)  # ours alone, as in stage f; EXTRA="--enforce-eager" serves without CUDA graphs and torch.compile
+    run serving_ours 400 python -m engines.vllm.serve --engines ours --device cuda --dtype bfloat16 \
+      --max-model-len 2048 --max-num-seqs 256 --workload-file "$WORKLOAD" --num-prompts 400 \
+      --request-rate 16,32,64 --no-progress --log-dir "$OUT/serve_logs" --result-dir "$OUT/serve_results" ${EXTRA:-}
+    ;;
+  f2)  # the case study on the default model (no ShareGPT package here: RTN instead of AWQ, no perplexity)
+    run case_smollm2 560 python -m optimization --device cuda --workload-file "$WORKLOAD" --num-prompts 32 \
       --max-output-len 64 --curve 1 --quant rtn --ppl-tokens 0 --out-dir "$OUT/case_smollm2"
     ;;
   g)  # where a decode step's time goes; torch.compile of the decode step (core.generate) and of our engine's layers
@@ -133,6 +140,19 @@ case "${1:-}" in
       --prompts speculative/prompts_eval.json --num-prompts 2 --max-tokens 128 --sweep-k "" \
       --heads /root/models/smollm2-135m.medusa.safetensors --out "$OUT/spec_benchmark_h100.json"
     ;;
+  m3)  # token-conditioned Medusa heads (MedusaHeads.token_conditioned), all 4,233 exported prompts, longer training
+    run medusa_train_token 560 python -m speculative.train_medusa --device cuda --dtype float32 \
+      --prompts-file .device-kit/medusa_prompts.json --num-prompts 4233 --gen-len 256 --gen-batch-size 512 \
+      --token-conditioned --epochs 8 --batch-size 1024 --lr 1e-3 --out "$OUT/smollm2-135m.medusa.safetensors" \
+      --plot "$OUT/medusa_loss.png"
+    cp "$OUT/smollm2-135m.medusa.safetensors" /root/models/smollm2-135m.medusa-token.safetensors 2>/dev/null
+    ;;
+  m4)  # every method on the same prompts; Medusa with the committed heads (#1) and with stage m3's (#2)
+    run spec_ours 560 python -m speculative.benchmark --device cuda --dtype float32 \
+      --prompts speculative/prompts_eval.json --num-prompts 2 --max-tokens 128 --sweep-k "" \
+      --heads speculative/heads/smollm2-135m.medusa.safetensors,/root/models/smollm2-135m.medusa-token.safetensors \
+      --out "$OUT/spec_benchmark_h100.json"
+    ;;
   q)  # our Triton INT8/INT4 matrix-vector kernels beside PyTorch's, Llama-2-7B and Llama-2-70B shapes (no kit needed)
     run quant_triton_7b 560 python -m quantization.gpu_bench --model llama2-7b --configs \
       bf16:compile,int8:triton:compile,int4:torch:compile,int4:triton:compile \
@@ -143,5 +163,5 @@ case "${1:-}" in
       --configs int4:torch:compile,int4:triton:compile --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_70b_triton.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|e|ev|kv|f|g|g2|m|m2|q|q2 (see the table at the top)"; exit 2 ;;
+    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|e|ev|kv|f|f2|f3|g|g2|m|m2|m3|m4|q|q2 (see the table at the top)"; exit 2 ;;
 esac
