@@ -44,7 +44,7 @@ TREES = {
 
 
 class MedusaHeads(nn.Module):
-    """K residual blocks; `forward(h [..., H], lm_head) -> logits [..., K, V]` for tokens t+2 .. t+K+1.
+    """K residual blocks; `forward(h [..., H], lm_head, next_embedding) -> logits [..., K, V]` for t+2 .. t+K+1.
 
     token_conditioned: each block also reads the embedding of token t+1, which is known when the heads run (the
     target has just chosen it from h): head k then guesses t+k+1 knowing the token before the first guess, as

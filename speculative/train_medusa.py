@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
         "model": lm.label, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "command": command, "prompts": source, "date": time.strftime(
             "%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "num_heads": args.num_heads, "token_conditioned": args.token_conditioned, "num_prompts": len(prompts), "gen_len": args.gen_len,
+        "num_heads": args.num_heads, "token_conditioned": args.token_conditioned, "num_prompts": len(prompts),
+        "gen_len": args.gen_len,
         "num_train_answers": len(prompts) - n_hold, "num_heldout_answers": n_hold,
         "num_train_tokens": len(train_h), "num_heldout_tokens": len(hold_h),
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "steps": steps,
