@@ -18,7 +18,8 @@
 # The fourth session's sequence (one machine holds 30 minutes): 1 smollm2-aa part-ac wheels -> g2; 2 smollm2-ab
 # medusa_prompts.json -> m; 3 part-aa -> m2; 4 part-ab -> c. The fifth's: 1 smollm2-aa part-ac wheels
 # workload-1024x512.json medusa_prompts.json -> stage; 2 smollm2-ab -> m3; 3 part-aa -> m4; 4 part-ab -> f; 5 -> d;
-# then on a fresh machine 6 smollm2-aa workload-1024x512.json -> stage; 7 smollm2-ab -> f3.
+# then on a fresh machine 6 smollm2-aa workload-1024x512.json -> stage; 7 smollm2-ab -> f3 (failed: no fastapi
+# without vllm-kit); 8 part-aa part-ac, 9 part-ab -> f3; then 10 workload-1024x512.json -> p.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder;
 #  kit parts may come in any order: the script unpacks each kit once all its parts are there)
 #
@@ -114,6 +115,13 @@ case "${1:-}" in
       --max-model-len 2048 --max-num-seqs 256 --workload-file "$WORKLOAD" --num-prompts 400 \
       --request-rate 16,32,64 --no-progress --log-dir "$OUT/serve_logs" --result-dir "$OUT/serve_results" ${EXTRA:-}
     ;;
+  p)  # our engine's steps under the serving arrivals of stage f, in process: decode-only vs with-prefill steps
+    for rate in 16 32; do
+      run steps_135m_rate$rate 150 python -m engines.profile_steps --model smollm2-135m --random-weights \
+        --device cuda --dtype bfloat16 --workload-file "$WORKLOAD" --num-prompts 400 --request-rate $rate \
+        --out "$OUT/profile_steps_135m_rate$rate.json"
+    done
+    ;;
   f2)  # the case study on the default model (no ShareGPT package here: RTN instead of AWQ, no perplexity)
     run case_smollm2 560 python -m optimization --device cuda --workload-file "$WORKLOAD" --num-prompts 32 \
       --max-output-len 64 --curve 1 --quant rtn --ppl-tokens 0 --out-dir "$OUT/case_smollm2"
@@ -163,5 +171,5 @@ case "${1:-}" in
       --configs int4:torch:compile,int4:triton:compile --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_70b_triton.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|e|ev|kv|f|f2|f3|g|g2|m|m2|m3|m4|q|q2 (see the table at the top)"; exit 2 ;;
+    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|e|ev|kv|f|f2|f3|p|g|g2|m|m2|m3|m4|q|q2 (see the table at the top)"; exit 2 ;;
 esac

@@ -1,0 +1,136 @@
+"""Where serving time goes: our engine's steps under Poisson arrivals, split into decode-only steps and steps that
+carry a prefill chunk.
+
+Offline, every request arrives at once and prefills together; served, requests keep arriving, so prefill chunks
+keep landing in the running batch. Our engine replays CUDA graphs only for decode-only steps, so the two kinds of
+step can cost very different amounts, and every running sequence waits for both. This drives the engine in process
+(no HTTP, so the server's own work is left out) with the arrivals a serving benchmark would send and times each
+step: a table by kind, and JSON with every step.
+
+    python -m engines.profile_steps --model smollm2-135m --random-weights --request-rate 16   # GPU
+    python -m engines.profile_steps --workload-file workload.json --request-rate 16            # ShareGPT lengths
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from core.__main__ import add_model_args
+from core.errors import UserError, cli
+from core.generate import SamplingParams
+from core.loading import load_model
+
+
+def request_lengths(args) -> list[tuple[int, int]]:
+    """(prompt tokens, output tokens) per request: from a saved workload, or fixed."""
+    if args.workload_file:
+        from benchmarks.workloads import load_workload
+        return [(s.prompt_len, s.output_len) for s in load_workload(args.workload_file, args.num_prompts)]
+    return [(args.input_len, args.output_len)] * args.num_prompts
+
+
+def run(llm, lengths: list[tuple[int, int]], rate: float, vocab: int, seed: int = 0) -> list[dict]:
+    """Serve the requests at `rate` (Poisson, seeded); one record per step: its kind, tokens, sequences, ms."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in lengths:
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    batches = []
+    run_batch = llm.runner.run
+
+    def recording_run(batch):  # the step's batch, seen on its way to the model
+        batches.append(batch)
+        return run_batch(batch)
+
+    llm.runner.run = recording_run
+    steps, nxt, start = [], 0, time.perf_counter()
+    while nxt < len(lengths) or llm.has_unfinished_requests():
+        now = time.perf_counter() - start
+        while nxt < len(lengths) and arrivals[nxt] <= now:
+            prompt_len, output_len = lengths[nxt]
+            prompt = [rng.randrange(10, vocab) for _ in range(prompt_len)]
+            llm.add_request(str(nxt), prompt, SamplingParams(max_tokens=output_len, ignore_eos=True))
+            nxt += 1
+        if not llm.has_unfinished_requests():
+            time.sleep(max(arrivals[nxt] - now, 0))
+            continue
+        t0 = time.perf_counter()
+        llm.step()  # returns after the sampled tokens reached the host: the step's GPU work is done
+        ms = (time.perf_counter() - t0) * 1e3
+        if not batches:
+            continue
+        batch = batches.pop()
+        prefill = sum(n for n in batch.num_tokens if n > 1)
+        steps.append({"kind": "with prefill" if prefill else "decode only", "ms": ms, "seqs": len(batch.seqs),
+                      "prefill_tokens": prefill, "at_s": t0 - start})
+    llm.runner.run = run_batch
+    return steps
+
+
+def summary(steps: list[dict]) -> dict:
+    total = sum(s["ms"] for s in steps)
+    out = {}
+    for kind in ("decode only", "with prefill"):
+        ms = [s["ms"] for s in steps if s["kind"] == kind]
+        if ms:
+            out[kind] = {"steps": len(ms), "mean_ms": statistics.fmean(ms), "median_ms": statistics.median(ms),
+                         "p99_ms": sorted(ms)[int(0.99 * (len(ms) - 1))], "share_of_time": sum(ms) / total,
+                         "mean_seqs": statistics.fmean(s["seqs"] for s in steps if s["kind"] == kind)}
+    return out
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m engines.profile_steps", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--request-rate", type=float, default=16.0, help="requests per second (Poisson)")
+    parser.add_argument("--num-prompts", type=int, default=400)
+    parser.add_argument("--workload-file", type=Path, help="request lengths from a saved workload (JSON)")
+    parser.add_argument("--input-len", type=int, default=128, help="without a workload file")
+    parser.add_argument("--output-len", type=int, default=128, help="without a workload file")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.request_rate <= 0 or args.num_prompts < 1:
+        raise UserError("--request-rate must be positive and --num-prompts at least 1")
+    from engines.ours import LLM
+
+    lm = load_model(args.model, args.device, args.dtype, args.random_weights)
+    lengths = request_lengths(args)
+    if max(p + o for p, o in lengths) > args.max_model_len:
+        raise UserError(f"a request needs more than --max-model-len {args.max_model_len} tokens")
+    llm = LLM(lm, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+              enable_prefix_caching=False, skip_tokenizer_init=True)
+    vocab = min(lm.model.config.vocab_size, 32000)
+    run(llm, lengths[:8], 1e6, vocab)  # warm-up: every code path once (compilation, first allocations)
+    steps = run(llm, lengths, args.request_rate, vocab)
+    table = summary(steps)
+    on_cuda = lm.model.lm_head.weight.is_cuda
+    device = torch.cuda.get_device_name() if on_cuda else "cpu"
+    mode = "CUDA graphs for decode-only steps" if on_cuda and not args.enforce_eager else "no CUDA graphs"
+    print(f"\n{lm.label} on {device}: {len(lengths)} requests at {args.request_rate:g} req/s (Poisson), {mode}; "
+          f"{len(steps)} steps")
+    print(f"{'step':<14}{'steps':>7}{'mean ms':>9}{'median ms':>11}{'p99 ms':>8}{'share of time':>15}{'seqs':>7}")
+    for kind, r in table.items():
+        print(f"{kind:<14}{r['steps']:>7}{r['mean_ms']:>9.2f}{r['median_ms']:>11.2f}{r['p99_ms']:>8.2f}"
+              f"{r['share_of_time']:>14.0%}{r['mean_seqs']:>7.1f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"model": lm.label, "device": device, "request_rate": args.request_rate,
+                                        "num_prompts": len(lengths), "enforce_eager": args.enforce_eager,
+                                        "summary": table, "steps": steps}, indent=1))
+        print(f"JSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""engines.profile_steps: every step is recorded with its kind, and every prompt token is counted once."""
+from engines.ours import LLM
+from engines.profile_steps import run, summary
+
+
+def test_steps_are_split_by_kind_and_count_every_prefill_token(tiny):
+    llm = LLM(tiny, max_num_seqs=8, max_model_len=128, enable_prefix_caching=False, skip_tokenizer_init=True)
+    steps = run(llm, [(16, 4), (24, 6), (8, 3)], rate=1000.0, vocab=200)
+    assert sum(s["prefill_tokens"] for s in steps) == 16 + 24 + 8
+    assert {s["kind"] for s in steps} == {"decode only", "with prefill"}
+    table = summary(steps)
+    assert abs(sum(r["share_of_time"] for r in table.values()) - 1) < 1e-9
+    assert not llm.has_unfinished_requests() and llm.runner.run.__name__ == "run"  # the wrapper is removed
