@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
+    parser.add_argument("--no-warm-up", action="store_true", help="measure from a cold engine")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.request_rate <= 0 or args.num_prompts < 1:
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     llm = LLM(lm, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
               enable_prefix_caching=False, skip_tokenizer_init=True)
     vocab = min(lm.model.config.vocab_size, 32000)
-    run(llm, lengths[:8], 1e6, vocab)  # warm-up: every code path once (compilation, first allocations)
+    if not args.no_warm_up:
+        llm.warm_up()  # what the server does at start-up: compilation before the first request
     steps = run(llm, lengths, args.request_rate, vocab)
     table = summary(steps)
     on_cuda = lm.model.lm_head.weight.is_cuda
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": lm.label, "device": device, "request_rate": args.request_rate,
                                         "num_prompts": len(lengths), "enforce_eager": args.enforce_eager,
+                                        "warm_up": not args.no_warm_up,
                                         "summary": table, "steps": steps}, indent=1))
         print(f"JSON: {args.out}")
 

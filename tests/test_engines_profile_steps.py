@@ -11,3 +11,10 @@ def test_steps_are_split_by_kind_and_count_every_prefill_token(tiny):
     table = summary(steps)
     assert abs(sum(r["share_of_time"] for r in table.values()) - 1) < 1e-9
     assert not llm.has_unfinished_requests() and llm.runner.run.__name__ == "run"  # the wrapper is removed
+
+
+def test_warm_up_leaves_an_empty_engine(tiny):
+    llm = LLM(tiny, max_num_seqs=4, max_model_len=64, num_kv_blocks=16, skip_tokenizer_init=True)
+    free = llm.block_manager.num_free_blocks
+    llm.warm_up()
+    assert not llm.has_unfinished_requests() and not llm.requests and llm.block_manager.num_free_blocks == free

@@ -105,6 +105,21 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
+    def warm_up(self, prompt_lens: tuple[int, ...] = (3, 17, 100, 400)) -> None:
+        """Run a few throwaway requests so that the first compilations happen before the first real request:
+        prompts of several lengths, each arriving while the one before decodes, give steps of several token counts
+        that mix prefill and decode (torch.compile specialises on the first token count it sees and recompiles,
+        now dynamic, at the second). On an H100 a few mixed steps of a run still take 0.7-1 s after this (2-4
+        per 400 requests, engines/README.md): something else recompiles or compiles there, not yet found."""
+        vocab = self.lm.model.config.vocab_size
+        for n in prompt_lens:
+            n = min(n, self.max_model_len - 4)
+            self.add_request(None, [(7 * i) % vocab for i in range(1, n + 1)],
+                             SamplingParams(max_tokens=4, ignore_eos=True))
+            self.step()
+        while self.has_unfinished_requests():
+            self.step()
+
     def abort(self, request_id: str) -> None:
         """Drop a request (a client went away): its blocks go back to the pool at once."""
         seq = self.requests.pop(request_id, None)

@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
                        gpu_memory_utilization=args.gpu_memory_utilization,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager)
+    engine.warm_up()  # compile before the first request, not during it
     name = args.served_model_name or args.model
     stats = engine.stats()
     print(f"serving {engine.label} as {name!r} on http://{args.host}:{args.port}: max_model_len "
