@@ -113,7 +113,7 @@ class LLMEngine:
         per 400 requests, engines/README.md): something else recompiles or compiles there, not yet found."""
         vocab = self.lm.model.config.vocab_size
         for n in prompt_lens:
-            n = min(n, self.max_model_len - 4)
+            n = max(1, min(n, self.max_model_len - 4))
             self.add_request(None, [(7 * i) % vocab for i in range(1, n + 1)],
                              SamplingParams(max_tokens=4, ignore_eos=True))
             self.step()
