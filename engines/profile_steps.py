@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(json.dumps({"model": lm.label, "device": device, "request_rate": args.request_rate,
                                         "num_prompts": len(lengths), "enforce_eager": args.enforce_eager,
                                         "warm_up": not args.no_warm_up,
-                                        "summary": table, "steps": steps}, indent=1))
+                                        "summary": table, "steps": steps}))
         print(f"JSON: {args.out}")
 
 
