@@ -9,13 +9,15 @@ The heads file records the model it was trained for and refuses any other. Token
 sequentially dependent heads that keeps Medusa's tree and single verification pass.
 
     python -m speculative.train_medusa                      # writes speculative/heads/smollm2-135m.medusa.safetensors
-    python -m speculative.train_medusa --token-conditioned  # ... smollm2-135m.medusa-token.safetensors
+    python -m speculative.train_medusa --token-conditioned  # ... smollm2-135m.medusa-token.safetensors.xz
     python -m speculative.medusa --prompt "Give me three tips for a job interview."
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import lzma
 from pathlib import Path
 
 import torch
@@ -76,25 +78,31 @@ def model_fingerprint(model: Transformer) -> str:
 
 
 def save_heads(heads: MedusaHeads, model: Transformer, model_name: str, path: Path, command: str) -> None:
-    from safetensors.torch import save_file
+    """A safetensors file in float16 with the model's fingerprint; xz-compressed if `path` ends in .xz (the
+    token-conditioned heads of SmolLM2 are 5.3 MB raw, 4.8 MB compressed: under the repository's 5 MB limit)."""
+    from safetensors.torch import save
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in heads.state_dict().items()}
-    save_file(tensors, str(path), metadata={"model": model_name, "fingerprint": model_fingerprint(model),
-                                            "num_heads": str(len(heads.blocks)), "command": command,
-                                            "token_conditioned": str(int(heads.token_conditioned))})
+    data = save(tensors, metadata={"model": model_name, "fingerprint": model_fingerprint(model),
+                                   "num_heads": str(len(heads.blocks)), "command": command,
+                                   "token_conditioned": str(int(heads.token_conditioned))})
+    path.write_bytes(lzma.compress(data, preset=9) if path.suffix == ".xz" else data)
 
 
 def load_heads(path: str | Path, model: Transformer) -> MedusaHeads:
-    """Load heads for `model`; a UserError if the file was trained for other weights."""
-    from safetensors import safe_open
+    """Load heads for `model` (.safetensors or .safetensors.xz); a UserError if they were trained for other weights."""
+    from safetensors.torch import load
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"no Medusa heads at {path}: train them with python -m speculative.train_medusa")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    data = path.read_bytes()
+    if path.suffix == ".xz":
+        data = lzma.decompress(data)
+    tensors = load(data)
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])  # safetensors: length, then JSON header
+    meta = header.get("__metadata__", {})
     if meta.get("fingerprint") != model_fingerprint(model):
         raise UserError(f"Medusa heads {path} were trained for {meta.get('model', 'another model')} "
                         f"(fingerprint {meta.get('fingerprint')}), not for these weights")
@@ -105,7 +113,8 @@ def load_heads(path: str | Path, model: Transformer) -> MedusaHeads:
 
 
 def default_heads_path(model_name: str, token_conditioned: bool = False) -> Path:
-    return HEADS_DIR / f"{Path(model_name).name}.medusa{'-token' if token_conditioned else ''}.safetensors"
+    name = Path(model_name).name
+    return HEADS_DIR / (f"{name}.medusa-token.safetensors.xz" if token_conditioned else f"{name}.medusa.safetensors")
 
 
 def committed_heads(model_name: str) -> list[Path]:
