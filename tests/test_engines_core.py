@@ -202,6 +202,24 @@ def test_decode_graph_buffers_equal_plain_generation(tiny64):
     assert_pool_full(llm)
 
 
+def test_graph_padding_writes_only_to_the_scratch_block(tiny64):
+    """A graph replays its padded size: padding rows left behind by a larger step must be sent back to the scratch
+    block, or they would overwrite keys of live sequences (too subtle for the tiny model's greedy tokens to show)."""
+    pytest.importorskip("triton")  # the mixed graphs' tile table comes from the unified kernel's module
+    from engines.ours.model_runner import ModelRunner
+    runner = ModelRunner(tiny64.model, 96, 4, 64, 5, cuda_graph=True, use_triton=True, max_num_batched_tokens=36)
+    mixed, scratch = runner.mixed_graphs, 96 * 4
+    with torch.inference_mode():  # the buffers are inference tensors, as in ModelRunner.run
+        assert mixed.load(list(range(35)), list(range(35)), list(range(100, 135))) == 36
+        assert mixed.load([1, 2, 3, 4], [9, 9, 9, 9], [7, 8, 9, 10]) == 32
+        assert mixed.slots[:4].tolist() == [7, 8, 9, 10] and set(mixed.slots[4:32].tolist()) == {scratch}
+        decode = ModelRunner(tiny64.model, 96, 4, 64, 5, cuda_graph=True).graphs  # gather path: runs on a CPU
+        decode.run([1, 2, 3, 4, 5], [8, 9, 10, 11, 12], [50, 51, 52, 53, 54], [[3, 4, 5, 6]] * 5)
+        decode.run([1, 2, 3], [8, 9, 10], [60, 61, 62], [[3, 4, 5]] * 3)
+        assert decode.slots[3:4].tolist() == [scratch] and decode.seq_lens[3:4].tolist() == [1]
+        assert decode.tables[3, 0] == 96
+
+
 def test_compiled_layers_equal_plain_generation():
     """torch.compile of the layers (the attention call left eager) on CPU: same greedy tokens, and one compiled
     piece serves every layer (the layer index must not be baked into the compiled code)."""

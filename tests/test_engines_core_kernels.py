@@ -50,19 +50,33 @@ def check_kernel(heads: int, kv_heads: int, head_dim: int, block_size: int, dev:
 
 
 def check_engine_with_triton() -> None:
-    """The whole GPU decode path (Triton attention + graph buffers with padding rows, replayed eagerly) inside the
-    engine, staggered arrivals: same greedy tokens as the plain decode loop (tiny model, float64)."""
+    """The whole GPU path inside the engine, replayed eagerly: decode-only steps through the decode graphs' buffers
+    (split-K kernel, padding rows), every other step through the mixed graphs' buffers (unified kernel, padded
+    tokens and tiles), with chunked prefills (a small token budget) and prefix-cache hits (shared prompt heads),
+    staggered arrivals: same greedy tokens as the plain decode loop (tiny model, float64)."""
     from core.generate import generate
     from core.loading import load_model
     from engines.ours.model_runner import ModelRunner
     lm = load_model("tiny", "cpu", torch.float64, random_weights=True)
     rng = random.Random(4)
-    prompts = [[rng.randrange(3, 49152) for _ in range(rng.randint(3, 30))] for _ in range(7)]
+    shared = [rng.randrange(3, 49152) for _ in range(9)]
+    prompts = [shared * (i % 2) + [rng.randrange(3, 49152) for _ in range(rng.randint(3, 30))] for i in range(7)]
     params = SamplingParams(max_tokens=10, ignore_eos=True)
-    llm = LLM(lm, block_size=4, num_kv_blocks=96, max_model_len=64, max_num_seqs=5)
-    llm.runner = ModelRunner(lm.model, 96, 4, 64, 5, cuda_graph=True, use_triton=True)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    assert [o.token_ids for o in outs] == [generate(lm.model, [p], params).tokens[0] for p in prompts]
+    llm = LLM(lm, block_size=4, num_kv_blocks=96, max_model_len=64, max_num_seqs=5, max_num_batched_tokens=36)
+    llm.runner = runner = ModelRunner(lm.model, 96, 4, 64, 5, cuda_graph=True, use_triton=True,
+                                      max_num_batched_tokens=36)
+    assert runner.mixed_graphs.sizes == [32, 36]
+    ran = []
+    for name, graphs in (("decode", runner.graphs), ("mixed", runner.mixed_graphs)):
+        graphs.run = lambda *a, name=name, run=graphs.run: ran.append(name) or run(*a)
+    seqs, step = [], 0
+    while step < 3 * len(prompts) or llm.has_unfinished_requests():  # a new request every third step
+        if step % 3 == 0 and step // 3 < len(prompts):
+            seqs.append(llm.add_request(None, prompts[step // 3], params))
+        llm.step()
+        step += 1
+    assert [s.output_token_ids for s in seqs] == [generate(lm.model, [p], params).tokens[0] for p in prompts]
+    assert {"decode", "mixed"} <= set(ran)
     assert llm.block_manager.num_free_blocks == 96
 
 

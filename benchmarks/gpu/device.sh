@@ -20,6 +20,8 @@
 # workload-1024x512.json medusa_prompts.json -> stage; 2 smollm2-ab -> m3; 3 part-aa -> m4; 4 part-ab -> f; 5 -> d;
 # then on a fresh machine 6 smollm2-aa workload-1024x512.json -> stage; 7 smollm2-ab -> f3 (failed: no fastapi
 # without vllm-kit); 8 part-aa part-ac, 9 part-ab -> f3; then 10 workload-1024x512.json -> p.
+# The sixth's (one machine): 1 smollm2-aa wheels workload-1024x512.json -> u; 2 smollm2-ab -> m5; 3 part-aa -> m6;
+# 4 part-ab -> u2; 5 part-ac -> f; 6 -> d.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder;
 #  kit parts may come in any order: the script unpacks each kit once all its parts are there)
 #
@@ -161,6 +163,30 @@ case "${1:-}" in
       --heads speculative/heads/smollm2-135m.medusa.safetensors,/root/models/smollm2-135m.medusa-token.safetensors \
       --out "$OUT/spec_benchmark_h100.json"
     ;;
+  u)  # mixed prefill+decode steps replayed from CUDA graphs with the unified attention kernel (no kit needed)
+    run gpu_tests 240 python -m pytest -q -p no:cacheprovider -m gpu tests/test_engines_unified_attention.py \
+      tests/test_engines_core_kernels.py tests/test_engines_core.py
+    for rate in 16 32; do
+      run steps_135m_rate$rate 150 python -m engines.profile_steps --model smollm2-135m --random-weights \
+        --device cuda --dtype bfloat16 --workload-file "$WORKLOAD" --num-prompts 400 --request-rate $rate \
+        --out "$OUT/profile_steps_135m_rate$rate.json"
+    done
+    ;;
+  u2)  # our engine offline on both shapes (as stage c, ours alone)
+    run engines_ours 400 python -m engines.gpu_bench --engines ours --out "$OUT/gpu_bench_ours.json"
+    ;;
+  m5)  # Medusa with fitted trees (speculative/medusa_tree.py) of several sizes beside the hand-made default tree
+    run spec_ours 560 python -m speculative.benchmark --device cuda --dtype float32 \
+      --prompts speculative/prompts_eval.json --num-prompts 2 --max-tokens 128 --sweep-k "" \
+      --heads speculative/heads/smollm2-135m.medusa-token.safetensors.xz --tree default,fitted:32,fitted,fitted:128 \
+      --out "$OUT/spec_benchmark_h100.json"
+    ;;
+  m6)  # the largest fitted trees again, on twice the prompts
+    run spec_ours_m6 560 python -m speculative.benchmark --device cuda --dtype float32 \
+      --prompts speculative/prompts_eval.json --num-prompts 4 --max-tokens 128 --sweep-k "" \
+      --heads speculative/heads/smollm2-135m.medusa-token.safetensors.xz --tree fitted:96,fitted:128 \
+      --out "$OUT/spec_benchmark_h100_m6.json"
+    ;;
   q)  # our Triton INT8/INT4 matrix-vector kernels beside PyTorch's, Llama-2-7B and Llama-2-70B shapes (no kit needed)
     run quant_triton_7b 560 python -m quantization.gpu_bench --model llama2-7b --configs \
       bf16:compile,int8:triton:compile,int4:torch:compile,int4:triton:compile \
@@ -171,5 +197,5 @@ case "${1:-}" in
       --configs int4:torch:compile,int4:triton:compile --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_70b_triton.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|e|ev|kv|f|f2|f3|p|g|g2|m|m2|m3|m4|q|q2 (see the table at the top)"; exit 2 ;;
+    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|e|ev|kv|f|f2|f3|p|g|g2|m|m2|m3|m4|m5|m6|q|q2|u|u2 (see the table at the top)"; exit 2 ;;
 esac

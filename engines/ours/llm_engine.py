@@ -39,7 +39,7 @@ class LLMEngine:
 
     model: registry name, HF folder, or an already loaded `LoadedModel`. Memory: `num_kv_blocks` outright, else
     `kv_cache_memory_gb` (default 1 GiB on CPU, like VLLM_CPU_KVCACHE_SPACE), else on GPU `gpu_memory_utilization`.
-    On a GPU, decode-only steps replay CUDA graphs unless `enforce_eager` (vLLM's name), and the layers are compiled
+    On a GPU, steps replay CUDA graphs unless `enforce_eager` (vLLM's name), and the layers are compiled
     first (model_runner.compile_layers; `torch_compile=False` skips it, True forces it anywhere). `skip_tokenizer_init`
     (vLLM's name): token-id prompts only and no output text, so random-weight runs need no tokenizer files.
     """
@@ -69,7 +69,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.lm.model, num_blocks, block_size, self.max_model_len, max_num_seqs,
                                   cuda_graph=None if not enforce_eager else False,
-                                  torch_compile=torch_compile)
+                                  torch_compile=torch_compile, max_num_batched_tokens=max_num_batched_tokens)
         self.requests: dict[str, Sequence] = {}
         self.eos_ids = set(cfg.eos_ids)
 

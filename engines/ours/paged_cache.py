@@ -10,6 +10,9 @@ the new keys/values into their slots, then computes attention in three kinds of 
 - fresh prefills (a chunk starting at position 0, nothing cached before it): plain causal attention over the chunk's
   own keys, no pool reads at all; chunks of equal length share one call;
 - continued prefills (a later chunk, or a prompt whose head came from the prefix cache): gather + masked attention.
+On a GPU a step that carries prefill chunks uses none of these groups: one call of the unified kernel
+(triton_unified_attention.py) attends every token of the step, whatever its kind, with a fixed number of kernels, so
+that the whole step can be replayed from a CUDA graph (cuda_graphs.MixedGraphs).
 """
 from __future__ import annotations
 
@@ -46,11 +49,20 @@ class CachedPrefillGroup:
 
 
 @dataclass
+class UnifiedGroup:
+    """Every token of the step: block_tables int32 [S, W], one row per sequence; tiles int32 [T, 4] from
+    triton_unified_attention.build_query_tiles."""
+    block_tables: torch.Tensor
+    tiles: torch.Tensor
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # long [N]: pool slot (block * block_size + offset) of each new token
     decode: list[DecodeGroup]
     fresh: list[FreshPrefillGroup]
     cached: list[CachedPrefillGroup]
+    unified: UnifiedGroup | None = None  # set: the unified kernel attends every token, the groups above are empty
 
 
 def cached_prefill_mask(block_size: int, start: int, length: int, num_blocks: int) -> torch.Tensor:
@@ -76,7 +88,8 @@ class PagedKVCache(KVCache):
         self.use_triton = use_triton
         if use_triton:  # imported only here: CPU-only installs need not have Triton
             from engines.ours.triton_attention import paged_decode_attention
-            self.decode_kernel = paged_decode_attention
+            from engines.ours.triton_unified_attention import unified_paged_attention
+            self.decode_kernel, self.unified_kernel = paged_decode_attention, unified_paged_attention
         self.metadata: AttentionMetadata | None = None  # set by the model runner before each forward
 
     def nbytes(self) -> int:
@@ -95,6 +108,9 @@ class PagedKVCache(KVCache):
         k_pool.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k_new)
         v_pool.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v_new)
         q_flat = q[0].transpose(0, 1)  # [N, H, D]
+        if meta.unified is not None:
+            return self.unified_kernel(q_flat, k_pool, v_pool, meta.unified.block_tables,
+                                       meta.unified.tiles).transpose(0, 1)[None]
         out = torch.empty_like(q_flat)
         gqa = q.shape[1] != hkv
         for g in meta.decode:

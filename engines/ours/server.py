@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="KV-cache size in GiB (default on CPU: 1, like VLLM_CPU_KVCACHE_SPACE)")
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None, help="KV-cache blocks, outright")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode batches")
+    parser.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs, no torch.compile")
     parser.add_argument("--uvicorn-log-level", default="info")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true")
     args = parser.parse_args(argv)
