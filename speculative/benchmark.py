@@ -30,7 +30,7 @@ from core.loading import load_model
 from speculative.common import SpecStats, speculative_generate
 from speculative.draft import load_draft, run_draft
 from speculative.lookahead import run_lookahead
-from speculative.medusa import TREES, committed_heads, load_heads, run_medusa
+from speculative.medusa import committed_heads, load_heads, run_medusa, tree_choices
 from speculative.prompt_lookup import run_prompt_lookup
 
 CODE_BLOCK = re.compile(r"```[a-zA-Z]*\n(.{200,900}?)```", re.S)
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--draft-layers", default="0-7,18-29")
     parser.add_argument("--heads", default=None,
                         help="Medusa heads file, or a comma list to compare several (default: every committed one)")
-    parser.add_argument("--tree", default="default", choices=list(TREES))
+    parser.add_argument("--tree", default="default,fitted",
+                        help="Medusa candidate trees, comma list: names of medusa.TREES, fitted, fitted:N (medusa_tree.py)")
     parser.add_argument("--window-size", type=int, default=4)
     parser.add_argument("--ngram-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy CPU)")
@@ -133,10 +134,12 @@ def main(argv: list[str] | None = None) -> None:
         f"lookahead W={args.window_size} N={args.ngram_size}":
             lambda p: run_lookahead(model, p, params, args.window_size, args.ngram_size),
     }
-    for i, heads in enumerate(all_heads):
-        name = f"medusa{'+token' if heads.token_conditioned else ''} {len(heads.blocks)} heads, {args.tree} tree"
-        name += f" #{i + 1}" if name in methods else ""
-        methods[name] = lambda p, heads=heads: run_medusa(model, heads, p, params, TREES[args.tree])
+    for i, (path, heads) in enumerate(zip(heads_paths, all_heads)):
+        for tree_name in args.tree.split(","):
+            tree = tree_choices(tree_name, path)
+            name = f"medusa{'+token' if heads.token_conditioned else ''}, {tree_name} tree ({len(tree)})"
+            name += f" #{i + 1}" if name in methods else ""
+            methods[name] = lambda p, heads=heads, tree=tree: run_medusa(model, heads, p, params, tree)
     table = ["plain", *methods]
     for k in sweep:  # k values the main table already runs are not run twice
         methods.setdefault(f"draft k={k}", lambda p, k=k: run_draft(model, draft, p, params, k))

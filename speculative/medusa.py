@@ -112,6 +112,20 @@ def load_heads(path: str | Path, model: Transformer) -> MedusaHeads:
     return heads.to(device=p.device, dtype=p.dtype)
 
 
+def tree_choices(name: str, heads_path: str | Path) -> list[tuple[int, ...]]:
+    """A hand-made tree of TREES by name, or "fitted" / "fitted:N": the tree medusa_tree.py chose for these heads
+    (of N nodes)."""
+    kind, _, size = name.partition(":")
+    if kind == "fitted":
+        from speculative.medusa_tree import load_fitted_tree
+        if size and not size.isdigit():
+            raise UserError(f"bad tree {name!r}: fitted:N wants a number of nodes")
+        return load_fitted_tree(heads_path, int(size) if size else None)
+    if name not in TREES:
+        raise UserError(f"unknown tree {name!r}: choose from {', '.join(TREES)}, fitted, fitted:N")
+    return TREES[name]
+
+
 def default_heads_path(model_name: str, token_conditioned: bool = False) -> Path:
     name = Path(model_name).name
     return HEADS_DIR / (f"{name}.medusa-token.safetensors.xz" if token_conditioned else f"{name}.medusa.safetensors")
@@ -240,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     add_model_args(parser)
     parser.add_argument("--heads", default=None,
                         help="heads file (default: the committed ones, speculative/heads/<model>.medusa-token...)")
-    parser.add_argument("--tree", default="default", choices=list(TREES))
+    parser.add_argument("--tree", default="fitted",
+                        help=f"candidate tree: {', '.join(TREES)}, or fitted[:N] (medusa_tree.py's, N nodes)")
     parser.add_argument("--prompt", default="Give me three tips for a successful job interview.")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -248,14 +263,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     lm = load_model(args.model, args.device, args.dtype, args.random_weights)
     found = committed_heads(lm.name)
-    heads = load_heads(args.heads or (found[0] if found else default_heads_path(lm.name)), lm.model)
+    heads_path = args.heads or (found[0] if found else default_heads_path(lm.name))
+    heads, choices = load_heads(heads_path, lm.model), tree_choices(args.tree, heads_path)
     prompt = chat_prompt(lm.tokenizer, args.prompt)
     params = SamplingParams(args.max_tokens, args.temperature, seed=args.seed)
     plain = speculative_generate(lm.model, prompt, params)
-    spec = run_medusa(lm.model, heads, prompt, params, TREES[args.tree])
+    spec = run_medusa(lm.model, heads, prompt, params, choices)
     print(lm.tokenizer.decode(spec.tokens))
     s = spec.stats
-    print(f"\n{lm.label}; Medusa {len(heads.blocks)} heads, tree {args.tree!r} ({len(TREES[args.tree])} nodes)")
+    print(f"\n{lm.label}; Medusa {len(heads.blocks)} heads, tree {args.tree!r} ({len(choices)} nodes)")
     print(f"plain {plain.decode_tokens_per_s:.1f} tokens/s, Medusa {spec.decode_tokens_per_s:.1f} tokens/s, "
           f"{s.mean_accepted_per_step:.2f} tokens per target pass, acceptance per depth "
           + " ".join(f"{a:.2f}" for a in s.acceptance_rate_per_pos))

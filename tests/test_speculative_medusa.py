@@ -6,7 +6,8 @@ from core.errors import UserError
 from core.generate import SamplingParams, chat_prompt, generate
 from speculative.common import speculative_generate
 from speculative.medusa import (TREES, MedusaHeads, Tree, TreeKVCache, committed_heads, load_heads, run_medusa,
-                                save_heads)
+                                save_heads, tree_choices)
+from speculative.medusa_tree import best_tree, expected_tokens, path_counts
 
 
 def _random_heads(model, num_heads=4, seed=0, token_conditioned=False):
@@ -95,10 +96,34 @@ def test_committed_heads_match_default_model_and_keep_greedy_output(smollm, path
     accepted = 0
     for text in ["Give me three tips for a successful job interview.", "What is machine learning?"]:
         prompt = chat_prompt(smollm.tokenizer, text)
-        result = run_medusa(smollm.model, heads, prompt, p)
-        assert result.tokens == generate(smollm.model, [prompt], p).tokens[0]
-        accepted += result.stats.num_accepted_tokens
+        expected = generate(smollm.model, [prompt], p).tokens[0]
+        for tree in (TREES["default"], tree_choices("fitted", path)):  # the fitted tree is committed beside it
+            result = run_medusa(smollm.model, heads, prompt, p, tree)
+            assert result.tokens == expected
+            accepted += result.stats.num_accepted_tokens
     assert accepted > 0
+
+
+def test_fitted_tree_is_the_most_hit_paths():
+    """Ranks of the true tokens among each head's guesses per position (-1: not among them) -> hit counts of every
+    rank path; the best tree of n nodes is the n most-hit paths, parents first, the chain of best guesses leading."""
+    ranks = torch.tensor([[0, 0, 1], [0, 0, -1], [1, 0, 0], [0, 2, 0], [-1, 0, 0], [0, 0, 1]])
+    counts = path_counts(ranks)
+    assert counts[(0,)] == 4 and counts[(0, 0)] == 3 and counts[(0, 0, 1)] == 2 and counts[(1, 0, 0)] == 1
+    assert (0, 0, 0) not in counts and not any(c[0] == -1 for c in counts)  # a miss ends the path
+    assert best_tree(counts, 3) == [(0,), (0, 0), (0, 0, 1)]
+    assert best_tree(counts, 6) == [(0,), (0, 0), (1,), (0, 2), (1, 0), (0, 0, 1)]  # ties: shorter, then smaller
+    tree = best_tree(counts, len(counts))
+    assert all(c[:-1] in tree[:i] for i, c in enumerate(tree) if len(c) > 1)  # parents before children
+    assert expected_tokens(counts, best_tree(counts, 3), len(ranks)) == 1 + (4 + 3 + 2) / 6
+    assert expected_tokens(counts, tree, len(ranks)) == 1 + 14 / 6  # every hit path in the tree
+
+
+def test_bad_tree_name_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="unknown tree"):
+        tree_choices("bushy", tmp_path / "heads.safetensors")
+    with pytest.raises(UserError, match="no fitted tree"):
+        tree_choices("fitted", tmp_path / "heads.safetensors")
 
 
 def test_typical_acceptance_sampling_runs(tiny):
