@@ -84,3 +84,10 @@ def test_book_preset_explains_itself_in_one_line():
     run = subprocess.run([sys.executable, "-m", "optimization", "--preset", "book"], capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr.strip().startswith("error: --preset book") and "Traceback" not in run.stderr
+
+
+def test_triton_int4_backend_without_a_gpu_is_one_clear_error():
+    run = subprocess.run([sys.executable, "-m", "optimization", "--device", "cpu", "--int4-backend", "triton"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip().startswith("error: --int4-backend triton") and "Traceback" not in run.stderr

@@ -1,4 +1,4 @@
-"""Our Triton INT8/INT4 matrix-vector kernels against the float reference (the modules' dequantized weights).
+"""Our Triton INT8/INT4 matrix-vector kernels and INT4 GEMM against the float reference (dequantized weights).
 
 Triton's CPU interpreter runs the kernel code here; it must be switched on before Triton is imported, so the checks
 run in a fresh process. On a GPU, quantization/gpu_bench.py reports the same error for the compiled kernels."""
@@ -52,5 +52,74 @@ def test_triton_backend_matches_dequant_on_gpu():
     x = torch.randn(2, 1, 512, device="cuda", dtype=torch.bfloat16)
     for module in (Int8Linear.from_linear(linear), Int4Linear.from_linear(linear, 128)):
         expected = module(x)  # the dequant backend
+        module.backend = "triton"
+        torch.testing.assert_close(module(x), expected, rtol=2e-2, atol=2e-2)
+
+
+GEMM_SHAPES = [(64, 128, 32), (96, 256, 128), (40, 192, 64)]  # (N, K, group): N not a multiple of BLOCK_N
+
+
+def check_gemm(device: str = "cpu", dtype=torch.float32, tol: float = 1e-4) -> None:
+    """int4_matmul against x @ W^T in float64, max error relative to the output's scale; then swapped nibbles fail."""
+    from quantization.packing import pack_int4
+    from quantization.rtn import dequantize_int4
+    from quantization.triton_gemm import int4_matmul
+    torch.manual_seed(0)
+    for n, k, group in GEMM_SHAPES:
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device)
+        scales = (torch.rand(n, k // group, device=device) * 0.1 + 0.01).to(dtype)
+        for zeros in (torch.full_like(scales, 8, dtype=torch.uint8),  # symmetric
+                      torch.randint(0, 16, scales.shape, dtype=torch.uint8, device=device)):
+            qweight = pack_int4(codes)
+            w = dequantize_int4(codes, scales, zeros).double()
+            for rows in (1, 9, 33):  # M tiles of 16 and 64: ragged edges
+                x = torch.randn(rows, k, device=device).to(dtype)
+                expected = x.double() @ w.T
+                for split in (None, 1, 3):  # the table's split-K, none, and one that leaves a program no K tile
+                    got = int4_matmul(x, qweight, scales, zeros, group, split)
+                    assert got.dtype == dtype and got.shape == (rows, n)
+                    err = (got.double() - expected).abs().max() / expected.abs().max()
+                    assert err < tol, f"N={n} K={k} group={group} M={rows} split={split}: relative error {err:.2e}"
+    # A wrong nibble order is far outside the bound: the same check on swapped bytes must fail.
+    swapped = (qweight >> 4) | ((qweight & 0xF) << 4)
+    err = (int4_matmul(x, swapped, scales, zeros, group).double() - expected).abs().max() / expected.abs().max()
+    assert err > 0.1, f"swapped nibbles passed (relative error {err:.2e})"
+
+
+def check_gemm_module(device: str = "cpu", dtype=torch.float32, tol: float = 1e-4) -> None:
+    """An Int4Linear's own buffers through int4_matmul (12 rows, bias) against its "dequant" backend."""
+    from quantization.triton_gemm import int4_matmul
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(256, 72, bias=True).to(device, dtype)
+    module = Int4Linear.from_linear(linear, 64)
+    x = torch.randn(3, 4, 256, device=device, dtype=dtype)
+    expected = module(x)  # the dequant backend
+    got = int4_matmul(x.reshape(12, 256), module.qweight, module.scales, module.zeros, 64).reshape(3, 4, 72)
+    torch.testing.assert_close(got + module.bias, expected, rtol=tol, atol=tol)
+
+
+def test_triton_gemm_matches_dequantized_reference_interpreted():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the compiled kernel is checked instead")
+    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+            "from test_quantization_triton import check_gemm, check_gemm_module\ncheck_gemm()\ncheck_gemm_module()\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_triton_gemm_on_gpu():
+    """The compiled kernel in bfloat16 (rounding W to bfloat16 costs ~1e-3 of the output scale), and the module's
+    routing: 12, 2 and 300 rows take the GEMM, one row the matrix-vector kernel, all equal to the dequant backend."""
+    check_gemm("cuda", torch.bfloat16, 1e-2)
+    check_gemm_module("cuda", torch.bfloat16, 2e-2)
+    linear = torch.nn.Linear(512, 96, bias=True).cuda().to(torch.bfloat16)
+    module = Int4Linear.from_linear(linear, 128)
+    for shape in ((3, 4, 512), (2, 1, 512), (1, 1, 512), (300, 512)):
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        module.backend = "dequant"
+        expected = module(x)
         module.backend = "triton"
         torch.testing.assert_close(module(x), expected, rtol=2e-2, atol=2e-2)

@@ -22,7 +22,9 @@
 # without vllm-kit); 8 part-aa part-ac, 9 part-ab -> f3; then 10 workload-1024x512.json -> p.
 # The sixth's (one machine): 1 smollm2-aa wheels workload-1024x512.json -> u; 2 smollm2-ab -> m5; 3 part-aa -> m6;
 # 4 part-ab -> u2; 5 part-ac -> f; 6 -> d.
-# (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder;
+# (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
+#  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
+#  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
 #  kit parts may come in any order: the script unpacks each kit once all its parts are there)
 #
 #   bash benchmarks/gpu/device.sh STAGE     # on the GPU machine, from the repository root; logs go to $OUT
@@ -117,6 +119,14 @@ case "${1:-}" in
       --max-model-len 2048 --max-num-seqs 256 --workload-file "$WORKLOAD" --num-prompts 400 \
       --request-rate 16,32,64 --no-progress --log-dir "$OUT/serve_logs" --result-dir "$OUT/serve_results" ${EXTRA:-}
     ;;
+  f4)  # ours alone (fastapi etc. from .device-kit/wheels), GIL switch interval 0.5 ms vs 5 (Python's default)
+    for ms in 0.5 5; do
+      run serving_ours_gil$ms 280 python -m engines.vllm.serve --engines ours --device cuda --dtype bfloat16 \
+        --max-model-len 2048 --max-num-seqs 256 --workload-file "$WORKLOAD" --num-prompts 400 --request-rate 16,32 \
+        --no-progress --log-dir /tmp/serve_logs_$ms --result-dir /tmp/serve_results_$ms \
+        --ours-args "--gil-switch-interval-ms $ms"
+    done
+    ;;
   p)  # our engine's steps under the serving arrivals of stage f, in process: decode-only vs with-prefill steps
     for rate in 16 32; do
       run steps_135m_rate$rate 150 python -m engines.profile_steps --model smollm2-135m --random-weights \
@@ -197,5 +207,5 @@ case "${1:-}" in
       --configs int4:torch:compile,int4:triton:compile --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_70b_triton.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|e|ev|kv|f|f2|f3|p|g|g2|m|m2|m3|m4|m5|m6|q|q2|u|u2 (see the table at the top)"; exit 2 ;;
+    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|e|ev|kv|f|f2|f3|f4|p|g|g2|m|m2|m3|m4|m5|m6|q|q2|u|u2 (see the table at the top)"; exit 2 ;;
 esac

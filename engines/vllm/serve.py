@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -75,6 +76,7 @@ def launch(engine: str, args: argparse.Namespace, log: Path) -> Iterator[tuple[s
                "--dtype", args.dtype, "--disable-uvicorn-access-log", *common]
         cmd += ["--random-weights"] if args.random_weights else []
         cmd += ["--enforce-eager"] if args.enforce_eager else []
+        cmd += shlex.split(args.ours_args)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     print(f"starting {engine}: {' '.join(cmd)}  (log: {log})", flush=True)
     with open(log, "w") as out:
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict]]:
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     parser.add_argument("--quantization", default=None, help="vLLM only: awq, gptq, ...")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile")
+    parser.add_argument("--ours-args", default="", help="more options for our server, e.g. '--gil-switch-interval-ms 5'")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for /health")
     parser.add_argument("--log-dir", type=Path, default=Path("results/engines"))
     args, harness_argv = parser.parse_known_args(argv)

@@ -1,0 +1,157 @@
+"""One projection y = layer(x) on a GPU: BF16 against our three INT4 backends, from 1 to 1024 rows.
+
+A served INT4 model is only faster than BF16 if each projection is, at the row counts continuous batching produces
+(16-256 per decode step, thousands in a prefill). For the Llama-2-7B shapes this times, in bfloat16:
+- bf16: nn.Linear (cuBLAS), reading 2 bytes per weight;
+- torch: Int4Linear g128 with PyTorch's tinygemm (`_weight_int4pack_mm`);
+- triton: Int4Linear's "triton" backend (our matrix-vector kernel for one row, our tensor-core GEMM, triton_gemm.py,
+  beyond; the committed results/h100 run predates that routing and used the matrix-vector kernel up to 8 rows);
+- gemm: that GEMM at every row count;
+- dequant: unpack to a BF16 copy of W, then cuBLAS.
+Each time is the median of CUDA-event timings of single calls replayed from a CUDA graph (no Python launch cost, as
+in a serving engine), with L2 flushed before each (the weights come from HBM, as in a model whose layers stream
+through). GB/s is weight bytes (packed codes + scales + zeros for INT4) over time; TFLOP/s is 2MNK
+over time. Random weights: speed only. Once per shape, each INT4 backend's max error against the BF16 matmul with
+the dequantized weight is printed (a layout bug shows as ~1, bfloat16 rounding as ~1e-2).
+
+    python -m quantization.gemm_bench --out gemm.json          # on an H100: about a minute
+    python -m quantization.gemm_bench --rows 16,64,256 --shapes down
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from core.errors import UserError, cli
+from quantization.linear import Int4Linear
+
+SHAPES = {"q/o proj": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}  # name: (N, K)
+ROWS = (1, 8, 16, 32, 64, 128, 256, 512, 1024)
+BACKENDS = ("bf16", "torch", "triton", "gemm", "dequant")
+
+
+def time_us(fn, warmup: int, repeats: int) -> float:
+    """Median GPU time of fn replayed as a CUDA graph, as a serving engine runs its decode steps.
+
+    Launched from Python, a Triton kernel's launch costs tens of microseconds of CPU time, as long as the kernel
+    itself at these sizes, and it would be timed as GPU idle time; a graph replay launches everything at once.
+    """
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # larger than any L2 (50 MB on an H100)
+    fn()  # compiles, autotunes (the matrix-vector kernel), builds tinygemm's layout: never inside a capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(warmup):
+        graph.replay()
+    times = []
+    for _ in range(repeats):
+        flush.zero_()  # evicts the weights from L2: they come from HBM, as in a model whose layers stream through
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def forward(layer: torch.nn.Linear, q: Int4Linear, backend: str, x: torch.Tensor) -> torch.Tensor:
+    if backend == "bf16":
+        return layer(x)
+    if backend == "gemm":
+        from quantization.triton_gemm import int4_matmul  # Triton only once a GPU is there
+        return int4_matmul(x, q.qweight, q.scales, q.zeros, q.group_size)
+    q.backend = backend
+    return q(x)
+
+
+def int4_bytes(q: Int4Linear, backend: str) -> int:
+    tensors = q._kernel if backend == "torch" else (q.qweight, q.scales, q.zeros)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def max_errors(layer: torch.nn.Linear, q: Int4Linear) -> dict[str, float]:
+    """Per INT4 backend, max |y - x @ W_deq^T| / max |x @ W_deq^T| over 4 rows (matrix-vector) and 64 (GEMM)."""
+    errors = {}
+    for backend in BACKENDS[1:]:
+        worst = 0.0
+        try:
+            for rows in (4, 64):
+                x = torch.randn(rows, layer.in_features, device="cuda", dtype=torch.bfloat16)
+                ref = (x @ q.dequantized_weight().to(torch.bfloat16).T).float()
+                y = forward(layer, q, backend, x).float()
+                worst = max(worst, ((y - ref).abs().max() / ref.abs().max()).item())
+        except Exception:  # the timing below reports what failed
+            worst = float("nan")
+        errors[backend] = worst
+    return errors
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m quantization.gemm_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated row counts M")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise UserError("gemm_bench times CUDA kernels, and no CUDA GPU is available here")
+    unknown = set(args.shapes.split(",")) - set(SHAPES)
+    if unknown:
+        raise UserError(f"unknown shapes {sorted(unknown)} (choose from {', '.join(SHAPES)})")
+    rows_list = [int(r) for r in args.rows.split(",")]
+    import triton
+    device_name = torch.cuda.get_device_name()
+    result = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
+              "group_size": args.group_size, "note": "random weights: speed only", "errors": {}, "rows": []}
+    torch.manual_seed(0)
+    for name in args.shapes.split(","):
+        N, K = SHAPES[name]
+        layer = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+        torch.nn.init.normal_(layer.weight, 0.0, 0.02)
+        q = Int4Linear.from_linear(layer, args.group_size)
+        result["errors"][name] = errors = max_errors(layer, q)
+        print(f"{name} (N={N}, K={K}) max error vs BF16 x @ W_deq^T: "
+              + ", ".join(f"{b} {e:.1e}" for b, e in errors.items()), flush=True)
+        for M in rows_list:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            for backend in BACKENDS:
+                row = {"shape": name, "N": N, "K": K, "M": M, "backend": backend}
+                try:
+                    us = time_us(lambda: forward(layer, q, backend, x), args.warmup, args.repeats)
+                    nbytes = layer.weight.nbytes if backend == "bf16" else int4_bytes(q, backend)
+                    row.update(us=us, tflops=2 * M * N * K / us / 1e6, weight_gbs=nbytes / us / 1e3)
+                except Exception as e:  # a kernel missing in this torch build, a compiler failure: say so, go on
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                result["rows"].append(row)
+            if args.out:  # after every row count: a run cut short still leaves what it measured
+                args.out.write_text(json.dumps(result, indent=2))
+        torch.cuda.empty_cache()
+
+    print(f"\nLlama-2-7B projections [RANDOM weights, speed only], bfloat16, INT4 group {args.group_size}, "
+          f"{device_name}, torch {torch.__version__}, triton {triton.__version__}; per backend: "
+          "us / TFLOP/s / weight GB/s")
+    head = f"{'shape':<10}{'M':>6}" + "".join(f"{b:>26}" for b in BACKENDS)  # 146 characters wide
+    print(head + "\n" + "-" * len(head))
+    cells = {(r["shape"], r["M"], r["backend"]): r for r in result["rows"]}
+    for name in args.shapes.split(","):
+        for M in rows_list:
+            line = f"{name:<10}{M:>6}"
+            for b in BACKENDS:
+                r = cells[name, M, b]
+                line += (f"{r['us']:>10.1f}{r['tflops']:>7.1f}{r['weight_gbs']:>9.0f}" if "us" in r
+                         else f"{r['error'][:24]:>26}")
+            print(line)
+
+
+if __name__ == "__main__":
+    main()

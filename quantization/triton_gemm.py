@@ -1,0 +1,136 @@
+"""Weight-only INT4 matrix-matrix product in Triton: y = x @ W^T for many rows, W unpacked in registers.
+
+With continuous batching a decode step multiplies 16-256 rows by each weight, and that is still mostly reading W
+(an H100 needs ~300 rows before a BF16 projection is compute-bound). Our other INT4 paths lose to BF16 there: the
+"dequant" backend writes a float copy of W (4x the packed bytes) before cuBLAS reads it again, and tinygemm
+(`_weight_int4pack_mm`) is built for a row or two. This kernel reads only the packed codes, 4x fewer bytes than
+BF16, and multiplies on the tensor cores (tl.dot):
+
+- a program owns BLOCK_N output channels x BLOCK_M rows and walks K a BLOCK_K tile at a time, in float32;
+- BLOCK_K divides the group size, so within a K tile each channel has one scale and one zero;
+- it computes y^T = W x^T: the unpacked weight tile is the dot's left operand, which Hopper's tensor cores (wgmma)
+  read straight from registers, where the unpacking left it, and whose side must be 64 (BLOCK_N); the rows of x
+  are the right operand, whose side can be 16, so a batch of 16 fills the instruction;
+- byte b of a weight row holds codes 2b (low nibble) and 2b + 1 (high): tl.join + reshape put them back in k
+  order, so x is read in contiguous rows (async copies; reading x[:, 0::2] and x[:, 1::2] separately instead made
+  the kernel 2x slower on an H100);
+- codes become weights in x's dtype: q - z is exact, times s rounds once: the weights the "dequant" backend builds;
+- with few rows there are too few programs to keep every SM reading (64 for N = 4096), so K is split among up to
+  8 programs whose float32 partial sums are added afterwards (split-K).
+
+On an H100 (gemm_bench.py; Llama-2-7B shapes, group 128, bfloat16, CUDA-graph replay) it is faster than BF16 up to
+32 rows (16 rows: 19 vs 23 us at 4096 x 4096, 35 vs 47 us at 4096 x 11008), even at 64 rows and slower beyond:
+the unpacking is redone for every BLOCK_M rows, so at 256 rows it takes 2-2.6x BF16's time (still 3x less than the
+"dequant" backend). Past a few dozen rows, weight-only INT4 saves memory, not time.
+
+Block sizes come from a small table by row count, not from autotuning: a serving engine captures CUDA graphs, and
+timing configs during a capture is trouble. Up to MATVEC_MAX_ROWS rows linear.py uses triton_gemv.py instead.
+Checked against the float reference in tests/test_quantization_triton.py (Triton's CPU interpreter; float32) and
+on a GPU by its bfloat16 twin; timed against BF16 by quantization/gemm_bench.py.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _weights(packed, z, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """uint8 [BLOCK_N, BLOCK_K/2] bytes, zeros and scales [BLOCK_N, 1] -> W tile [BLOCK_N, BLOCK_K] in dtype."""
+    # join puts each byte's two nibbles side by side, so merging the last two dims gives k = 2b (low), 2b + 1 (high).
+    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
+    # int -> float with no conversion instruction (those run at a quarter of the ALU rate, and this is the
+    # kernel's hot loop): OR the code into the low mantissa bits of 2^e, e the mantissa width, and the bits read as
+    # the float 2^e + code, exactly. Subtracting 2^e + z is exact too, so only "* s" rounds.
+    if dtype == tl.float32:
+        w, zero = (codes.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True), z.to(dtype) + 8388608.0
+    elif dtype == tl.float16:
+        w, zero = (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True), z.to(dtype) + 1024.0
+    else:
+        w, zero = (codes.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True), z.to(dtype) + 128.0
+    return (w - zero) * s.to(dtype)
+
+
+@triton.jit
+def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    # Axis 0 (the M tiles) is launched fastest, so the programs running together share a weight tile: it comes
+    # from DRAM once and from L2 for the other row tiles.
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = m < M, n < N
+    x_tile = x_ptr + m[None, :] * K + tl.arange(0, BLOCK_K)[:, None]  # x^T [BLOCK_K, BLOCK_M]: rows stay contiguous
+    w_tile = w_ptr + n[:, None] * (K // 2) + tl.arange(0, BLOCK_K // 2)[None, :]  # bytes [BLOCK_N, BLOCK_K/2]
+    sz = n[:, None] * (K // GROUP)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T: see the module docstring
+    for t in range(tl.program_id(2), K // BLOCK_K, SPLIT):  # split-K: program p takes K tiles p, p + SPLIT, ...
+        k0 = t * BLOCK_K
+        xt = tl.load(x_tile + k0, mask=m_ok[None, :], other=0.0)
+        packed = tl.load(w_tile + k0 // 2, mask=n_ok[:, None], other=0)
+        g = k0 // GROUP  # the tile's one group: K is a multiple of GROUP, GROUP of BLOCK_K, so no K masks
+        s = tl.load(s_ptr + sz + g, mask=n_ok[:, None], other=0.0)
+        z = tl.load(z_ptr + sz + g, mask=n_ok[:, None], other=0)
+        w = _weights(packed, z, s, BLOCK_N, BLOCK_K, x_ptr.dtype.element_ty)
+        acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+    y = y_ptr + tl.program_id(2) * M * N + m[None, :] * N + n[:, None]  # SPLIT > 1: float32 partial sums [SPLIT, M, N]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+
+
+# (up to rows, BLOCK_M, BLOCK_N, BLOCK_K at most, num_warps, num_stages), measured on an H100 (gemm_bench.py).
+# BLOCK_N is the tensor-core instruction's M side, 64 rows per 4 warps; BLOCK_M, its N side, can be as small as 16,
+# so a few rows waste little of the instruction. Few rows: reading W is the cost, and a program per 64 channels
+# leaves SMs idle (64 programs for N = 4096 on 132 SMs), hence split-K below. Many rows: tall x tiles, so each
+# unpacked weight tile serves more rows (the unpacking, not the dot, is what grows with M / BLOCK_M).
+TILES = ((16, 16, 64, 128, 4, 4), (32, 32, 64, 128, 4, 4), (128, 64, 64, 128, 4, 3), (512, 128, 64, 128, 4, 3),
+         (None, 256, 128, 64, 8, 3))
+
+
+@functools.lru_cache
+def _sm_count(device: torch.device) -> int:  # on a CPU (the interpreter tests) 8, so that small shapes split K too
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def block_config(M: int, N: int, K: int, group_size: int, device: torch.device) -> dict:
+    _, block_m, block_n, max_k, warps, stages = next(t for t in TILES if t[0] is None or M <= t[0])
+    # The largest K tile that divides the group; a dot needs a depth of at least 16 (and BLOCK_K / 2 bytes >= 16).
+    block_k = next((bk for bk in (128, 64, 32) if bk <= max_k and group_size % bk == 0), None)
+    if block_k is None:
+        raise ValueError(f"the Triton INT4 GEMM takes group sizes that are multiples of 32 (got {group_size})")
+    # Split K while the tiles alone give under 4 programs per SM, up to 8 ways, and while the float32 partial sums
+    # [split, M, N] stay small (split * M <= 256): on an H100, M = 16 at 8 ways and M = 64 at 4 were the fastest.
+    tiles, split = triton.cdiv(M, block_m) * triton.cdiv(N, block_n), 1
+    while (split < 8 and tiles * split * 2 <= 4 * _sm_count(device) and split * 2 * M <= 256
+           and split * 2 <= K // block_k):
+        split *= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages)
+
+
+def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int, split: int | None = None) -> torch.Tensor:
+    """x [M, K], qweight uint8 [N, K/2] (even k in the low nibble), scales [N, G], zeros uint8 [N, G] -> y [M, N].
+
+    y = x @ W^T with W[n, k] = (q[n, k] - z[n, k // group_size]) * s[n, k // group_size], in x's dtype.
+    `split` overrides the split-K factor (the tests use it to cover both paths).
+    """
+    M, K = x.shape
+    N = qweight.shape[0]
+    if qweight.shape[1] * 2 != K or K % group_size or scales.shape != (N, K // group_size):
+        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, "
+                         f"scales {tuple(scales.shape)}, group size {group_size}")
+    if M == 0:
+        return x.new_empty(0, N)
+    config = block_config(M, N, K, group_size, x.device)
+    if split is not None:
+        config["SPLIT"] = split
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]), config["SPLIT"])
+    out = torch.empty(config["SPLIT"], M, N, dtype=x.dtype if config["SPLIT"] == 1 else torch.float32,
+                      device=x.device)
+    # float32 (the tests) multiplies in full precision: TF32 keeps 10 mantissa bits and would fail an exact check.
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    _int4_gemm_kernel[grid](x.contiguous(), qweight.contiguous(), scales.contiguous(), zeros.contiguous(), out, M,
+                            N, K, group_size, PRECISION=precision, **config)
+    # Partial sums added in a fixed order: the same input gives the same output, bit for bit, every call.
+    return out[0] if config["SPLIT"] == 1 else out.sum(0).to(x.dtype)
