@@ -1,19 +1,14 @@
 """The GPU pieces of our engine checked against the reference paths: the Triton paged-decode kernel (run here by
 Triton's interpreter on CPU) against gather + plain attention, and, on a GPU, CUDA-graph decoding against eager."""
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import run_interpreted
 
 from core.generate import SamplingParams
 from core.kv_cache import attention
 from engines.ours import LLM
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def gathered_attention(q, k_pool, v_pool, tables, seq_lens):
@@ -86,14 +81,9 @@ SHAPES = [(9, 3, 64, 16), (4, 4, 32, 4), (8, 2, 16, 1), (32, 32, 128, 16)]
 def test_triton_paged_decode_matches_plain_attention_interpreted():
     """Triton's CPU interpreter runs the same kernel code (alone, then inside the engine); it must be switched on
     before Triton is imported, so the check runs in a fresh process."""
-    pytest.importorskip("triton")
-    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
-            "from test_engines_core_kernels import check_kernel, check_engine_with_triton, SHAPES\n"
-            "for shape in SHAPES: check_kernel(*shape, 'cpu')\n"
-            "check_engine_with_triton()\n")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted("from test_engines_core_kernels import check_kernel, check_engine_with_triton, SHAPES\n"
+                    "for shape in SHAPES: check_kernel(*shape, 'cpu')\n"
+                    "check_engine_with_triton()\n")
 
 
 @pytest.mark.gpu

@@ -1,16 +1,12 @@
 """The unified paged-attention kernel (prefill chunks and decodes in one launch) against plain causal attention in
 float64: run by Triton's interpreter on CPU, and on a GPU when there is one. Plus the host-side tile table."""
 import math
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import run_interpreted
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(9, 3, 64, 16), (4, 4, 32, 4), (8, 2, 16, 1), (32, 32, 128, 16)]
 
 
@@ -81,15 +77,10 @@ def check_kernel(heads, kv_heads, head_dim, block_size, dev, dtype=torch.float32
 
 def test_unified_attention_matches_plain_attention_interpreted():
     """Triton's interpreter must be switched on before Triton is imported: the checks run in a fresh process."""
-    pytest.importorskip("triton")
-    code = (f"import sys, torch; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
-            "from test_engines_unified_attention import check_kernel, SHAPES\n"
-            "for shape in SHAPES: check_kernel(*shape, 'cpu')\n"
-            "check_kernel(*SHAPES[0], 'cpu', torch.float64)\n"
-            "check_kernel(*SHAPES[2], 'cpu', torch.float16, 2e-2)\n")  # bfloat16: the interpreter gets it wrong
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted("from test_engines_unified_attention import check_kernel, SHAPES\n"
+                    "for shape in SHAPES: check_kernel(*shape, 'cpu')\n"
+                    "check_kernel(*SHAPES[0], 'cpu', torch.float64)\n"
+                    "check_kernel(*SHAPES[2], 'cpu', torch.float16, 2e-2)\n")  # bfloat16: the interpreter gets it wrong
 
 
 @pytest.mark.gpu

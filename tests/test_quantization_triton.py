@@ -2,17 +2,11 @@
 
 Triton's CPU interpreter runs the kernel code here; it must be switched on before Triton is imported, so the checks
 run in a fresh process. On a GPU, quantization/gpu_bench.py reports the same error for the compiled kernels."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from triton_interpreter import run_interpreted
 
 from quantization.linear import Int4Linear, Int8Linear
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def check_kernels() -> None:
@@ -35,15 +29,10 @@ def check_kernels() -> None:
 
 
 def test_triton_matvec_kernels_match_dequantized_reference_interpreted():
-    pytest.importorskip("triton")
     if torch.cuda.is_available():  # the GPU test below checks the compiled kernels there
         pytest.skip("on a GPU machine the compiled kernels are checked instead (its older Triton's interpreter "
                     "fails on this kernel's index arithmetic)")
-    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
-            "from test_quantization_triton import check_kernels\ncheck_kernels()\n")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted("from test_quantization_triton import check_kernels\ncheck_kernels()\n")
 
 
 @pytest.mark.gpu
@@ -99,14 +88,10 @@ def check_gemm_module(device: str = "cpu", dtype=torch.float32, tol: float = 1e-
 
 
 def test_triton_gemm_matches_dequantized_reference_interpreted():
-    pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("on a GPU machine the compiled kernel is checked instead")
-    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
-            "from test_quantization_triton import check_gemm, check_gemm_module\ncheck_gemm()\ncheck_gemm_module()\n")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted("from test_quantization_triton import check_gemm, check_gemm_module\n"
+                    "check_gemm()\ncheck_gemm_module()\n")
 
 
 @pytest.mark.gpu
