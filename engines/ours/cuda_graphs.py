@@ -20,7 +20,8 @@ import torch
 
 from core.generate import graph_capture
 from core.model import Transformer
-from engines.ours.paged_cache import AttentionMetadata, DecodeGroup, PagedKVCache, UnifiedGroup
+from engines.ours.paged_cache import (AttentionMetadata, DecodeGroup, PagedKVCache, UnifiedGroup,
+                                      block_table_tensor)
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -108,9 +109,8 @@ class DecodeGraphs(_StepGraphs):
     def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
         b = len(ids)
         size = self.load(ids, positions, slots)
-        width = max(map(len, tables))
-        flat = [x for t in tables for x in t + [self.scratch_block] * (width - len(t))]
-        self.tables[:b, :width].copy_(torch.tensor(flat, dtype=torch.int32).view(b, width), non_blocking=True)
+        padded = block_table_tensor(tables, self.scratch_block)
+        self.tables[:b, :padded.shape[1]].copy_(padded, non_blocking=True)
         self.seq_lens[:b].copy_(torch.tensor(positions, dtype=torch.int32) + 1, non_blocking=True)
         if size > b:  # padding rows: the scratch block, one key
             self.tables[b:size, 0] = self.scratch_block
@@ -140,9 +140,8 @@ class MixedGraphs(_StepGraphs):
         from engines.ours.triton_unified_attention import build_query_tiles
 
         size = self.load(ids, positions, slots)
-        b, width = len(tables), max(map(len, tables))
-        flat = [x for t in tables for x in t + [0] * (width - len(t))]  # entries past a sequence are never read
-        self.tables[:b, :width].copy_(torch.tensor(flat, dtype=torch.int32).view(b, width), non_blocking=True)
+        padded = block_table_tensor(tables)
+        self.tables[:len(tables), :padded.shape[1]].copy_(padded, non_blocking=True)
         tiles = self.tiles[size]
         tiles.copy_(build_query_tiles(chunks, num_tiles=len(tiles)), non_blocking=True)
         return self.replay(size, len(ids))

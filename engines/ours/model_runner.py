@@ -21,7 +21,7 @@ from core.generate import sample
 from core.model import Transformer
 from engines.ours.cuda_graphs import DecodeGraphs, MixedGraphs
 from engines.ours.paged_cache import (AttentionMetadata, CachedPrefillGroup, DecodeGroup, FreshPrefillGroup,
-                                      PagedKVCache, UnifiedGroup, cached_prefill_mask)
+                                      PagedKVCache, UnifiedGroup, block_table_tensor, cached_prefill_mask)
 from engines.ours.scheduler import ScheduledBatch
 
 
@@ -110,10 +110,7 @@ class ModelRunner:
         slot_mapping = torch.tensor(slots, device=dev)
         if self.cache.use_triton and any(n > 1 for _, n, _, _ in chunks):
             from engines.ours.triton_unified_attention import build_query_tiles
-            width = max(map(len, tables))
-            flat = [x for t in tables for x in t + [0] * (width - len(t))]
-            unified = UnifiedGroup(torch.tensor(flat, dtype=torch.int32).view(len(tables), width).to(dev),
-                                   build_query_tiles(chunks).to(dev))
+            unified = UnifiedGroup(block_table_tensor(tables).to(dev), build_query_tiles(chunks).to(dev))
             self.cache.metadata = AttentionMetadata(slot_mapping, [], [], [], unified)
             return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev)
         decode_rows, fresh_rows, cached = [], {}, []
@@ -137,10 +134,7 @@ class ModelRunner:
         decode = []
         for rows in by_width.values():
             offsets, seq_lens, group_tables = zip(*rows)
-            width = max(len(t) for t in group_tables)
-            flat = [x for t in group_tables for x in t + [0] * (width - len(t))]
-            decode.append(DecodeGroup(torch.tensor(offsets, device=dev),
-                                      torch.tensor(flat, dtype=torch.int32).view(len(group_tables), width).to(dev),
+            decode.append(DecodeGroup(torch.tensor(offsets, device=dev), block_table_tensor(group_tables).to(dev),
                                       torch.tensor(seq_lens, dtype=torch.int32, device=dev)))
         fresh = [FreshPrefillGroup(torch.tensor(offs, device=dev)[:, None] + torch.arange(n, device=dev), n)
                  for n, offs in fresh_rows.items()]

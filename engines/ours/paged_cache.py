@@ -65,6 +65,13 @@ class AttentionMetadata:
     unified: UnifiedGroup | None = None  # set: the unified kernel attends every token, the groups above are empty
 
 
+def block_table_tensor(tables: list[list[int]], pad: int = 0) -> torch.Tensor:
+    """int32 [B, longest table] on the host: each sequence's block table, padded with `pad` (a kernel or gather that
+    stops at the sequence's length never reads the padding; a CUDA graph's padding rows point at the scratch block)."""
+    width = max(map(len, tables))
+    return torch.tensor([t + [pad] * (width - len(t)) for t in tables], dtype=torch.int32)
+
+
 def cached_prefill_mask(block_size: int, start: int, length: int, num_blocks: int) -> torch.Tensor:
     """bool [1, 1, length, num_blocks * block_size] for a chunk of `length` queries at positions start.."""
     query_pos = torch.arange(start, start + length)[None]
