@@ -22,6 +22,9 @@
 # without vllm-kit); 8 part-aa part-ac, 9 part-ab -> f3; then 10 workload-1024x512.json -> p.
 # The sixth's (one machine): 1 smollm2-aa wheels workload-1024x512.json -> u; 2 smollm2-ab -> m5; 3 part-aa -> m6;
 # 4 part-ab -> u2; 5 part-ac -> f; 6 -> d.
+# Not yet run, for a next session: 1 smollm2-aa wheels workload-1024x512.json -> stage; 2 smollm2-ab -> d2 (the case
+# study with --int4-backend triton); 3 -> f4 (GIL switch interval A/B, fastapi from the wheels); then part-aa,
+# part-ab, part-ac -> c (ours and vLLM side by side offline, with every step graphed).
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
