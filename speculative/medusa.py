@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     add_model_args(parser)
     parser.add_argument("--heads", default=None,
                         help="heads file (default: the committed ones, speculative/heads/<model>.medusa-token...)")
-    parser.add_argument("--tree", default="fitted",
-                        help=f"candidate tree: {', '.join(TREES)}, or fitted[:N] (medusa_tree.py's, N nodes)")
+    parser.add_argument("--tree", default=None,
+                        help=f"candidate tree: {', '.join(TREES)}, or fitted[:N] (medusa_tree.py's, N nodes); default "
+                             "fitted on a GPU, fitted:8 on a CPU, where every token a pass verifies costs time")
     parser.add_argument("--prompt", default="Give me three tips for a successful job interview.")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -264,14 +265,15 @@ def main(argv: list[str] | None = None) -> None:
     lm = load_model(args.model, args.device, args.dtype, args.random_weights)
     found = committed_heads(lm.name)
     heads_path = args.heads or (found[0] if found else default_heads_path(lm.name))
-    heads, choices = load_heads(heads_path, lm.model), tree_choices(args.tree, heads_path)
+    tree = args.tree or ("fitted" if next(lm.model.parameters()).is_cuda else "fitted:8")
+    heads, choices = load_heads(heads_path, lm.model), tree_choices(tree, heads_path)
     prompt = chat_prompt(lm.tokenizer, args.prompt)
     params = SamplingParams(args.max_tokens, args.temperature, seed=args.seed)
     plain = speculative_generate(lm.model, prompt, params)
     spec = run_medusa(lm.model, heads, prompt, params, choices)
     print(lm.tokenizer.decode(spec.tokens))
     s = spec.stats
-    print(f"\n{lm.label}; Medusa {len(heads.blocks)} heads, tree {args.tree!r} ({len(choices)} nodes)")
+    print(f"\n{lm.label}; Medusa {len(heads.blocks)} heads, tree {tree!r} ({len(choices)} nodes)")
     print(f"plain {plain.decode_tokens_per_s:.1f} tokens/s, Medusa {spec.decode_tokens_per_s:.1f} tokens/s, "
           f"{s.mean_accepted_per_step:.2f} tokens per target pass, acceptance per depth "
           + " ".join(f"{a:.2f}" for a in s.acceptance_rate_per_pos))
