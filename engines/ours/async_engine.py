@@ -4,15 +4,21 @@ The engine is not thread-safe and need not be: only the loop thread ever touches
 "abort" command on the command queue and wakes the loop; the loop applies every pending command between two steps
 (so a new request joins the very next forward pass: continuous batching), runs a step, and hands each output to
 the asyncio queue of its request with `call_soon_threadsafe`. The forward pass releases the GIL in PyTorch's
-kernels, so the event loop keeps accepting connections and streaming tokens while the model runs.
+kernels, so the event loop keeps accepting connections and streaming tokens while the model runs. But the rest of
+a step (scheduling, building its inputs, reading the sampled tokens) is Python that needs the GIL, and so is every
+token the event loop detokenizes and streams: with many streams, each step waits its turn. engine_core.py runs the
+same loop in a process of its own, as vLLM does; `python -m engines.ours.server` uses that one unless told otherwise.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
-from typing import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Callable
 
 from core.generate import SamplingParams
 from engines.ours.llm_engine import LLMEngine
@@ -20,9 +26,46 @@ from engines.ours.metrics import ServerMetrics
 from engines.ours.outputs import RequestOutput
 
 
+@dataclass
+class EngineInfo:
+    """What the server needs to know about the engine behind it (engine_core.py sends it across processes)."""
+    label: str
+    model_root: str             # /v1/models' "root": the weights' folder, or the model's name
+    tokenizer_dir: Path | None  # None: the default model's tokenizer
+    max_model_len: int
+    vocab_size: int
+    stats: dict                 # LLMEngine.stats() once warmed up
+
+    @classmethod
+    def of(cls, engine: LLMEngine) -> EngineInfo:
+        lm = engine.lm
+        return cls(engine.label, str(lm.path or lm.name), lm.tokenizer_dir, engine.max_model_len,
+                   lm.model.config.vocab_size, engine.stats())
+
+
+async def consume(outputs: asyncio.Queue, abort: Callable[[], None]) -> AsyncIterator[RequestOutput]:
+    """Yield a request's outputs from its queue until the finished one; an exception put there is raised. Closing
+    the generator before that (the client went away, a stop string matched) calls `abort`."""
+    finished = False
+    try:
+        while True:
+            item = await outputs.get()
+            if isinstance(item, BaseException):
+                finished = True  # the engine has already dropped it
+                raise item
+            finished = item.finished
+            yield item
+            if finished:
+                return
+    finally:
+        if not finished:
+            abort()
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None):
         self.engine = engine
+        self.info = EngineInfo.of(engine)
         self.metrics = metrics or ServerMetrics()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -31,13 +74,18 @@ class AsyncLLMEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
     def start(self) -> None:
         self._thread.start()
 
     def shutdown(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     @property
     def is_running(self) -> bool:
@@ -54,20 +102,9 @@ class AsyncLLMEngine:
         outputs: asyncio.Queue = asyncio.Queue()
         self._commands.put(("add", request_id, prompt_token_ids, params, time.perf_counter(), loop, outputs))
         self._wake.set()
-        finished = False
-        try:
-            while True:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    finished = True  # the engine has already dropped it
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+        async with contextlib.aclosing(consume(outputs, lambda: self.abort(request_id))) as stream_outputs:
+            async for out in stream_outputs:
+                yield out
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))

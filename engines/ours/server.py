@@ -4,8 +4,9 @@
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streaming as server-sent events ending in
 `data: [DONE]`, or one JSON answer; `usage` in both), GET /v1/models, /health and /metrics (Prometheus).
-Each request is tokenized here, handed to the engine loop thread (async_engine.py) and detokenized incrementally as
-tokens come back. A client that disconnects has its request aborted, which frees its KV blocks at once.
+Each request is tokenized here, handed to the engine loop, which runs in a process of its own (engine_core.py) or,
+with `--engine-core thread`, in a thread of this one (async_engine.py), and detokenized incrementally as tokens
+come back. A client that disconnects has its request aborted, which frees its KV blocks at once.
 Bad requests get a 400 with an OpenAI-style error body: {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
@@ -14,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import sys
 import time
 import uuid
 from typing import AsyncIterator
@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from core.errors import UserError, cli
 from core.generate import SamplingParams
 from engines.ours.async_engine import AsyncLLMEngine
+from engines.ours.engine_core import ProcessLLMEngine
 from engines.ours.outputs import RequestOutput
 
 
@@ -122,11 +123,11 @@ class IncrementalDetokenizer:
 class OpenAIServing:
     """The request handling shared by both endpoints: validate, tokenize, run, detokenize, apply stop strings."""
 
-    def __init__(self, engine: AsyncLLMEngine, served_model_name: str):
+    def __init__(self, engine: AsyncLLMEngine | ProcessLLMEngine, served_model_name: str):
         self.engine = engine
-        self.tokenizer = engine.engine.tokenizer
+        self.tokenizer = engine.tokenizer
         self.served_model_name = served_model_name
-        self.max_model_len = engine.engine.max_model_len
+        self.max_model_len = engine.info.max_model_len
 
     def check_model(self, body: SamplingFields) -> None:
         if body.model is not None and body.model != self.served_model_name:
@@ -142,7 +143,7 @@ class OpenAIServing:
                 raise BadRequest("send one prompt per request (a batch of prompts is not supported)")
             prompt = prompt[0]
         ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
-        vocab = self.engine.engine.lm.model.config.vocab_size
+        vocab = self.engine.info.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise BadRequest(f"prompt token ids must lie in [0, {vocab})")
         return ids
@@ -218,7 +219,7 @@ async def cancel_on_disconnect(request: Request, work) -> object | None:
             return None
 
 
-def build_app(engine: AsyncLLMEngine, served_model_name: str) -> FastAPI:
+def build_app(engine: AsyncLLMEngine | ProcessLLMEngine, served_model_name: str) -> FastAPI:
     """The FastAPI app. It starts the engine loop on start-up and stops it on shut-down."""
     serving = OpenAIServing(engine, served_model_name)
 
@@ -255,7 +256,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{
             "id": served_model_name, "object": "model", "created": int(time.time()), "owned_by": "llmip",
-            "root": str(engine.engine.lm.path or engine.engine.lm.name), "max_model_len": serving.max_model_len}]}
+            "root": engine.info.model_root, "max_model_len": serving.max_model_len}]}
 
     @app.get("/metrics")
     async def metrics():
@@ -350,8 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None, help="KV-cache blocks, outright")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs, no torch.compile")
-    parser.add_argument("--gil-switch-interval-ms", type=float, default=None,
-                        help="how long a Python thread may hold the GIL while another waits (default: Python's, 5)")
+    parser.add_argument("--engine-core", choices=("process", "thread"), default="process",
+                        help="where the engine loop runs: its own process (like vLLM) or a thread of the server")
     parser.add_argument("--uvicorn-log-level", default="info")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true")
     args = parser.parse_args(argv)
@@ -360,34 +361,33 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 < args.port < 65536:
         raise UserError("--port must be in 1..65535")
 
-    if args.gil_switch_interval_ms is not None:
-        if args.gil_switch_interval_ms <= 0:
-            raise UserError("--gil-switch-interval-ms must be positive")
-        # The engine loop thread and the event loop (HTTP, streaming) share the GIL. When a step's GPU work is done
-        # the engine thread wants the GIL back, and a busy event loop may keep it until the switch interval runs
-        # out: with Python's 5 ms, longer than a step of a small model on a GPU. (Not measured yet: stage f4.)
-        sys.setswitchinterval(args.gil_switch_interval_ms / 1000)
-
     import uvicorn
 
-    from engines.ours.llm_engine import LLMEngine
+    engine_kwargs = dict(model=args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+                         random_weights=args.random_weights, max_num_seqs=args.max_num_seqs,
+                         max_model_len=args.max_model_len, block_size=args.block_size,
+                         num_kv_blocks=args.num_gpu_blocks_override, kv_cache_memory_gb=args.kv_cache_memory_gb,
+                         gpu_memory_utilization=args.gpu_memory_utilization,
+                         max_num_batched_tokens=args.max_num_batched_tokens,
+                         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager)
+    if args.engine_core == "process":
+        engine = ProcessLLMEngine(engine_kwargs)  # loads and warms up the engine in its process
+    else:
+        from engines.ours.llm_engine import LLMEngine
 
-    engine = LLMEngine(args.model, args.device, None if args.dtype == "auto" else args.dtype, args.random_weights,
-                       max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                       block_size=args.block_size, num_kv_blocks=args.num_gpu_blocks_override,
-                       kv_cache_memory_gb=args.kv_cache_memory_gb,
-                       gpu_memory_utilization=args.gpu_memory_utilization,
-                       max_num_batched_tokens=args.max_num_batched_tokens,
-                       enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager)
-    engine.warm_up()  # compile before the first request, not during it
+        llm = LLMEngine(**engine_kwargs)
+        llm.warm_up()  # compile before the first request, not during it
+        engine = AsyncLLMEngine(llm)
     name = args.served_model_name or args.model
-    stats = engine.stats()
-    print(f"serving {engine.label} as {name!r} on http://{args.host}:{args.port}: max_model_len "
-          f"{engine.max_model_len}, max_num_seqs {args.max_num_seqs}, {stats['num_blocks']} KV blocks of "
-          f"{args.block_size} tokens", flush=True)
-    app = build_app(AsyncLLMEngine(engine), name)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                access_log=not args.disable_uvicorn_access_log)
+    info = engine.info
+    print(f"serving {info.label} as {name!r} on http://{args.host}:{args.port} (engine in a {args.engine_core}): "
+          f"max_model_len {info.max_model_len}, max_num_seqs {args.max_num_seqs}, {info.stats['num_blocks']} KV "
+          f"blocks of {args.block_size} tokens", flush=True)
+    try:
+        uvicorn.run(build_app(engine, name), host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                    access_log=not args.disable_uvicorn_access_log)
+    finally:  # also when uvicorn never started (port taken): an engine process left behind would hang the exit
+        engine.shutdown()
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict]]:
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     parser.add_argument("--quantization", default=None, help="vLLM only: awq, gptq, ...")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile")
-    parser.add_argument("--ours-args", default="", help="more options for our server, e.g. '--gil-switch-interval-ms 5'")
+    parser.add_argument("--ours-args", default="", help="more options for our server, e.g. '--engine-core thread'")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for /health")
     parser.add_argument("--log-dir", type=Path, default=Path("results/engines"))
     args, harness_argv = parser.parse_known_args(argv)
