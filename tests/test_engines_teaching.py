@@ -87,7 +87,8 @@ def test_gpu_bench_code_path_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["results"]
     assert row["output_tokens"] == 36 and row["output_throughput"] > 0 and row["batch1_ms_per_token"] > 0
-    assert row["fast_vs_reference_logit_error"] == 0.0  # on a CPU both paths are the reference path
+    # On a CPU both paths attend the reference way; the fast one's layers are compiled, which rounds differently.
+    assert row["fast_vs_reference_logit_error"] < 1e-5
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -40,8 +40,10 @@ class LLMEngine:
     model: registry name, HF folder, or an already loaded `LoadedModel`. Memory: `num_kv_blocks` outright, else
     `kv_cache_memory_gb` (default 1 GiB on CPU, like VLLM_CPU_KVCACHE_SPACE), else on GPU `gpu_memory_utilization`.
     On a GPU, steps replay CUDA graphs unless `enforce_eager` (vLLM's name), and the layers are compiled
-    first (model_runner.compile_layers; `torch_compile=False` skips it, True forces it anywhere). `skip_tokenizer_init`
-    (vLLM's name): token-id prompts only and no output text, so random-weight runs need no tokenizer files.
+    first (model_runner.compile_layers; `torch_compile=False` skips it, True forces it anywhere). Each layer's q/k/v
+    and gate/up projections run as one matmul each unless `fuse_projections=False` (fused_projections.py).
+    `skip_tokenizer_init` (vLLM's name): token-id prompts only and no output text, so random-weight runs need no
+    tokenizer files.
     """
 
     def __init__(self, model: str | LoadedModel = "smollm2-135m", device: str = "auto", dtype: str | None = None,
@@ -49,7 +51,7 @@ class LLMEngine:
                  block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory_gb: float | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False, skip_tokenizer_init: bool = False,
-                 torch_compile: bool | None = None):
+                 torch_compile: bool | None = None, fuse_projections: bool = True):
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, random_weights)
         cfg = self.lm.model.config
         self.skip_tokenizer_init = skip_tokenizer_init
@@ -69,7 +71,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.lm.model, num_blocks, block_size, self.max_model_len, max_num_seqs,
                                   cuda_graph=None if not enforce_eager else False,
-                                  torch_compile=torch_compile, max_num_batched_tokens=max_num_batched_tokens)
+                                  torch_compile=torch_compile, max_num_batched_tokens=max_num_batched_tokens,
+                                  fuse_projections=fuse_projections)
         self.requests: dict[str, Sequence] = {}
         self.eos_ids = set(cfg.eos_ids)
 

@@ -19,6 +19,7 @@ import torch
 
 from core.generate import sample
 from core.model import Transformer
+from engines.ours import fused_projections
 from engines.ours.cuda_graphs import DecodeGraphs, MixedGraphs
 from engines.ours.paged_cache import (AttentionMetadata, CachedPrefillGroup, DecodeGroup, FreshPrefillGroup,
                                       PagedKVCache, UnifiedGroup, block_table_tensor, cached_prefill_mask)
@@ -58,14 +59,18 @@ class ModelRunner:
     cuda_graph: replay steps from CUDA graphs (default: on CUDA; on a CPU, True runs the same static-buffer paths
     eagerly, for tests). use_triton: Triton attention kernels (default: on CUDA); mixed steps are graphed only with
     them. torch_compile: compile the decoder layers first (default: wherever CUDA graphs are on; it changes the
-    model in place, and the graphs then capture the compiled kernels).
-    The pool gets one extra block beyond the allocator's, a scratch block for graph padding.
+    served model in place, and the graphs then capture the compiled kernels). fuse_projections: serve a copy of the
+    model whose layers compute q|k|v and gate|up in one matmul each (fused_projections.py; models with quantized
+    projections are served as they are). The pool gets one extra block beyond the allocator's, a scratch block for
+    graph padding.
     """
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int = 2048,
                  max_num_seqs: int = 256, cuda_graph: bool | None = None, use_triton: bool | None = None,
-                 torch_compile: bool | None = None, max_num_batched_tokens: int = 2048):
-        self.model = model
+                 torch_compile: bool | None = None, max_num_batched_tokens: int = 2048,
+                 fuse_projections: bool = True):
+        # Before compiling and capturing: the compiled layers and the graphs are those of the model actually served.
+        self.model = model = fused_projections.fuse_projections(model) if fuse_projections else model
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         cfg = model.config

@@ -1,0 +1,135 @@
+"""Fused projections: q|k|v as one matmul and gate|up as another, as vLLM's QKVParallelLinear and
+MergedColumnParallelLinear do.
+
+The three attention projections read the same input, and so do the MLP's gate and up: stacking their weights along
+the output dimension turns five matmuls per layer into two. That is fewer kernel launches per step, and one larger
+GEMM, which at batch 1 on a GPU (a GEMV that only streams the weights) gets closer to the memory bandwidth than three
+small ones. vLLM goes further and loads the checkpoint's q/k/v tensors straight into the stacked parameter; here the
+model is already loaded, so the stacked weight is built once and the model's own q/k/v and gate/up weights become
+views of it (no weight is held twice).
+
+The fused layers live in a serving copy of the model (`FusedTransformer`), which shares every other module with it:
+the model the caller gave keeps its `q_proj`, `k_proj`, ... modules, so a chapter that hooks or swaps them later
+(GPTQ's Hessians, quantization, tensor parallelism) still sees them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.kv_cache import KVCache, attention
+from core.model import MLP, Attention, DecoderLayer, Transformer, apply_rope
+
+
+def stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated along dim 0; a view, not a copy, when they already lie back to back in one storage
+    (a model served before: its weights are views of the stack), so serving a model twice holds it once."""
+    first, offset = tensors[0], tensors[0].storage_offset()
+    for t in tensors:
+        same_storage = t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        if not (same_storage and t.is_contiguous() and t.storage_offset() == offset):
+            return torch.cat(tensors)
+        offset += t.numel()
+    return first.as_strided((sum(len(t) for t in tensors), *first.shape[1:]), first.stride())
+
+
+def stack_linears(parts: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the parts' outputs side by side; each part's weight (and bias) becomes a view of
+    its rows of the stacked one, so the old separate tensors are freed."""
+    weight = stack_rows([p.weight.detach() for p in parts])
+    with torch.device("meta"):  # no allocation: the parameters are assigned just below
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None)
+    grad = parts[0].weight.requires_grad
+    fused.weight = nn.Parameter(weight, requires_grad=grad)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(stack_rows([p.bias.detach() for p in parts]), requires_grad=grad)
+    start = 0
+    for p in parts:
+        rows = slice(start, start + p.out_features)
+        p.weight.data = fused.weight.data[rows]
+        if fused.bias is not None:
+            p.bias.data = fused.bias.data[rows]
+        start += p.out_features
+    return fused
+
+
+class FusedAttention(Attention):
+    """core.model.Attention with q|k|v in one Linear (`qkv_proj`); o_proj is the original module."""
+
+    def __init__(self, attn: Attention):
+        nn.Module.__init__(self)
+        self.layer_idx, self.head_dim = attn.layer_idx, attn.head_dim
+        # From the projections, not the config: under tensor parallelism they hold this rank's heads only.
+        self.qkv_sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+        self.qkv_proj = stack_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o_proj = attn.o_proj
+
+    def forward(self, x, cos, sin, positions, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2)
+                   for t in self.qkv_proj(x).split(self.qkv_sizes, dim=-1))
+        # From here on exactly core.model.Attention.forward.
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            out = attention(q, k, v, None) if T == 1 else F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        else:
+            out = cache.attend(self.layer_idx, q, k, v, positions)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FusedMLP(MLP):
+    """SwiGLU with gate|up in one Linear (`gate_up_proj`); down_proj is the original module."""
+
+    def __init__(self, mlp: MLP):
+        nn.Module.__init__(self)
+        self.gate_up_sizes = [mlp.gate_proj.out_features, mlp.up_proj.out_features]
+        self.gate_up_proj = stack_linears([mlp.gate_proj, mlp.up_proj])
+        self.down_proj = mlp.down_proj
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.gate_up_sizes, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class FusedDecoderLayer(DecoderLayer):
+    """The layer's own norms, with fused attention and MLP; DecoderLayer.forward as it is."""
+
+    def __init__(self, layer: DecoderLayer):
+        nn.Module.__init__(self)
+        self.input_layernorm = layer.input_layernorm
+        self.self_attn = FusedAttention(layer.self_attn)
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        self.mlp = FusedMLP(layer.mlp)
+
+
+class FusedTransformer(Transformer):
+    """A serving copy of `model`: its embedding, final norm and LM head, and fused layers over its weights."""
+
+    def __init__(self, model: Transformer):
+        nn.Module.__init__(self)
+        self.config, self.inv_freq = model.config, model.inv_freq
+        self.embed_tokens = model.embed_tokens
+        self.layers = nn.ModuleList(FusedDecoderLayer(layer) for layer in model.layers)
+        self.norm, self.lm_head = model.norm, model.lm_head
+        self.train(model.training)
+
+
+def can_fuse(layer: nn.Module) -> bool:
+    """Exactly core's layer with plain nn.Linear q/k/v and gate/up: a quantized projection (quantization.linear)
+    has no weight to stack, and a subclass may have changed forward."""
+    if type(layer) is not DecoderLayer or type(layer.self_attn) is not Attention or type(layer.mlp) is not MLP:
+        return False
+    a, m = layer.self_attn, layer.mlp
+    return all(type(p) is nn.Linear for p in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj))
+
+
+def fuse_projections(model: Transformer) -> Transformer:
+    """The model to serve: a FusedTransformer over `model` if every layer can be fused, else `model` itself.
+
+    `model` computes what it did (its q/k/v and gate/up weights become views of the stacked ones); the copy
+    computes the same function with two matmuls per layer where it had five."""
+    if type(model) is not Transformer or not all(can_fuse(layer) for layer in model.layers):
+        return model
+    return FusedTransformer(model)
