@@ -5,9 +5,10 @@ A served INT4 model is only faster than BF16 if each projection is, at the row c
 - bf16: nn.Linear (cuBLAS), reading 2 bytes per weight;
 - torch: Int4Linear g128 with PyTorch's tinygemm (`_weight_int4pack_mm`);
 - triton: Int4Linear's "triton" backend (our matrix-vector kernel for one row, our tensor-core GEMM, triton_gemm.py,
-  beyond; the committed results/h100 run predates that routing and used the matrix-vector kernel up to 8 rows);
+  up to DEQUANT_MIN_ROWS rows, tdequant beyond);
 - gemm: that GEMM at every row count;
-- dequant: unpack to a BF16 copy of W, then cuBLAS.
+- tdequant: our one-pass Triton kernel writes a BF16 copy of W, then cuBLAS;
+- dequant: the portable backend: unpack to a BF16 copy of W in PyTorch ops, then cuBLAS.
 Each time is the median of CUDA-event timings of single calls replayed from a CUDA graph (no Python launch cost, as
 in a serving engine), with L2 flushed before each (the weights come from HBM, as in a model whose layers stream
 through). GB/s is weight bytes (packed codes + scales + zeros for INT4) over time; TFLOP/s is 2MNK
@@ -31,7 +32,7 @@ from quantization.linear import Int4Linear
 
 SHAPES = {"q/o proj": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}  # name: (N, K)
 ROWS = (1, 8, 16, 32, 64, 128, 256, 512, 1024)
-BACKENDS = ("bf16", "torch", "triton", "gemm", "dequant")
+BACKENDS = ("bf16", "torch", "triton", "gemm", "tdequant", "dequant")
 
 
 def time_us(fn, warmup: int, repeats: int) -> float:
@@ -65,6 +66,9 @@ def forward(layer: torch.nn.Linear, q: Int4Linear, backend: str, x: torch.Tensor
     if backend == "gemm":
         from quantization.triton_gemm import int4_matmul  # Triton only once a GPU is there
         return int4_matmul(x, q.qweight, q.scales, q.zeros, q.group_size)
+    if backend == "tdequant":
+        from quantization.triton_gemm import int4_dequantize
+        return torch.nn.functional.linear(x, int4_dequantize(q.qweight, q.scales, q.zeros, q.group_size, x.dtype))
     q.backend = backend
     return q(x)
 

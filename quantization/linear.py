@@ -8,7 +8,8 @@ except inside one matmul. Two backends compute the product:
   tinygemm kernel, on CUDA and its `_for_cpu` twin on CPU), which read the packed weight directly.
 - "triton" (GPU): our Triton kernels, which read our own packed layout directly: INT8 matrix-vector (triton_gemv.py)
   for up to MATVEC_MAX_ROWS rows, dequant beyond; INT4 matrix-vector for one row, the tensor-core GEMM
-  (triton_gemm.py) for more. A CPU takes the "dequant" path.
+  (triton_gemm.py) up to DEQUANT_MIN_ROWS rows, a one-pass Triton dequantization and cuBLAS beyond. A CPU takes
+  the "dequant" path.
 `set_backend(model, name)` switches every quantized module; gpu_bench.py compares them.
 """
 from __future__ import annotations
@@ -138,13 +139,17 @@ class Int4Linear(nn.Module):
             mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
             y = mm(x2, packed, self.group_size, sz).to(x.dtype).reshape(*x.shape[:-1], -1)
         elif self.backend == "triton" and x.is_cuda:
-            from quantization.triton_gemm import int4_matmul
+            from quantization.triton_gemm import DEQUANT_MIN_ROWS, int4_dequantize, int4_matmul
             from quantization.triton_gemv import int4_matvec
             x2 = x.reshape(-1, x.shape[-1])
-            # Past one row the GEMM wins: on an H100 it took 19-36 us at 8 rows where the matrix-vector kernel,
-            # which reads the weights once per row, took 92-240 (quantization/results/h100/gemm_bench.json).
-            kernel = int4_matvec if len(x2) == 1 else int4_matmul
-            y = kernel(x2, self.qweight, self.scales, self.zeros, self.group_size)
+            if len(x2) > DEQUANT_MIN_ROWS:  # compute-bound: cuBLAS on a BF16 copy of W, made in one pass
+                w = int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, x.dtype)
+                y = F.linear(x2, w)
+            else:
+                # Past one row the GEMM wins: on an H100 it took 19-36 us at 8 rows where the matrix-vector kernel,
+                # which reads the weights once per row, took 92-240 (quantization/results/h100/gemm_bench.json).
+                kernel = int4_matvec if len(x2) == 1 else int4_matmul
+                y = kernel(x2, self.qweight, self.scales, self.zeros, self.group_size)
             y = y.reshape(*x.shape[:-1], -1)
         else:
             codes = self.codes().to(x.dtype).view(self.out_features, -1, self.group_size)

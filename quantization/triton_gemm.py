@@ -23,6 +23,11 @@ On an H100 (gemm_bench.py; Llama-2-7B shapes, group 128, bfloat16, CUDA-graph re
 the unpacking is redone for every BLOCK_M rows, so at 256 rows it takes 2-2.6x BF16's time (still 3x less than the
 "dequant" backend). Past a few dozen rows, weight-only INT4 saves memory, not time.
 
+Past DEQUANT_MIN_ROWS rows (prefill chunks, large batches) the work is the multiply, not the reading, and cuBLAS
+multiplies faster than this kernel (2-3x at 256-1024 rows, above): `int4_dequantize` writes W in x's dtype with a
+one-pass kernel (the same unpacking, so the same weights), and F.linear multiplies. Writing W costs about what
+reading it in BF16 does, small next to the multiply of hundreds of rows; linear.py takes that path there.
+
 Block sizes come from a small table by row count, not from autotuning: a serving engine captures CUDA graphs, and
 timing configs during a capture is trouble. Up to MATVEC_MAX_ROWS rows linear.py uses triton_gemv.py instead.
 Checked against the float reference in tests/test_quantization_triton.py (Triton's CPU interpreter; float32) and
@@ -77,6 +82,37 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, GROUP: tl.cons
         acc = tl.dot(w, xt, acc, input_precision=PRECISION)
     y = y_ptr + tl.program_id(2) * M * N + m[None, :] * N + n[:, None]  # SPLIT > 1: float32 partial sums [SPLIT, M, N]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+
+
+@triton.jit
+def _int4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K  # BLOCK_K divides GROUP: one scale and zero per channel in this tile
+    n_ok = n[:, None] < N
+    packed = tl.load(w_ptr + n[:, None] * (K // 2) + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=n_ok,
+                     other=0)
+    s = tl.load(s_ptr + n[:, None] * (K // GROUP) + k0 // GROUP, mask=n_ok, other=0.0)
+    z = tl.load(z_ptr + n[:, None] * (K // GROUP) + k0 // GROUP, mask=n_ok, other=0)
+    w = _weights(packed, z, s, BLOCK_N, BLOCK_K, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + n[:, None] * K + k0 + tl.arange(0, BLOCK_K)[None, :], w, mask=n_ok)
+
+
+DEQUANT_MIN_ROWS = 128  # beyond this many rows linear.py dequantizes W and lets cuBLAS multiply
+
+
+def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """qweight uint8 [N, K/2], scales [N, G], zeros uint8 [N, G] -> W [N, K] in dtype, as int4_matmul unpacks it."""
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    block_k = next((bk for bk in (128, 64, 32) if group_size % bk == 0), None)
+    if block_k is None or K % group_size:
+        raise ValueError(f"group size {group_size} must be a multiple of 32 that divides K = {K}")
+    out = torch.empty(N, K, dtype=dtype, device=qweight.device)
+    grid = (triton.cdiv(N, 32), K // block_k)
+    _int4_dequantize_kernel[grid](qweight.contiguous(), scales.contiguous(), zeros.contiguous(), out, N, K,
+                                  group_size, BLOCK_N=32, BLOCK_K=block_k, num_warps=4)
+    return out
 
 
 # (up to rows, BLOCK_M, BLOCK_N, BLOCK_K at most, num_warps, num_stages), measured on an H100 (gemm_bench.py).

@@ -76,8 +76,9 @@ def check_gemm(device: str = "cpu", dtype=torch.float32, tol: float = 1e-4) -> N
 
 
 def check_gemm_module(device: str = "cpu", dtype=torch.float32, tol: float = 1e-4) -> None:
-    """An Int4Linear's own buffers through int4_matmul (12 rows, bias) against its "dequant" backend."""
-    from quantization.triton_gemm import int4_matmul
+    """An Int4Linear's own buffers through int4_matmul (12 rows, bias) against its "dequant" backend, and
+    int4_dequantize (the path past DEQUANT_MIN_ROWS) against the module's own dequantized weight, bit for bit."""
+    from quantization.triton_gemm import int4_dequantize, int4_matmul
     torch.manual_seed(1)
     linear = torch.nn.Linear(256, 72, bias=True).to(device, dtype)
     module = Int4Linear.from_linear(linear, 64)
@@ -85,6 +86,10 @@ def check_gemm_module(device: str = "cpu", dtype=torch.float32, tol: float = 1e-
     expected = module(x)  # the dequant backend
     got = int4_matmul(x.reshape(12, 256), module.qweight, module.scales, module.zeros, 64).reshape(3, 4, 72)
     torch.testing.assert_close(got + module.bias, expected, rtol=tol, atol=tol)
+    w = int4_dequantize(module.qweight, module.scales, module.zeros, 64, dtype)
+    assert torch.equal(w, module.dequantized_weight().to(dtype))
+    swapped = (module.qweight >> 4) | ((module.qweight & 0xF) << 4)
+    assert not torch.equal(int4_dequantize(swapped, module.scales, module.zeros, 64, dtype), w)
 
 
 def test_triton_gemm_matches_dequantized_reference_interpreted():
@@ -97,7 +102,8 @@ def test_triton_gemm_matches_dequantized_reference_interpreted():
 @pytest.mark.gpu
 def test_triton_gemm_on_gpu():
     """The compiled kernel in bfloat16 (rounding W to bfloat16 costs ~1e-3 of the output scale), and the module's
-    routing: 12, 2 and 300 rows take the GEMM, one row the matrix-vector kernel, all equal to the dequant backend."""
+    routing: 12 and 2 rows take the GEMM, one row the matrix-vector kernel, 300 rows the Triton dequantization and
+    cuBLAS, all equal to the dequant backend."""
     check_gemm("cuda", torch.bfloat16, 1e-2)
     check_gemm_module("cuda", torch.bfloat16, 2e-2)
     linear = torch.nn.Linear(512, 96, bias=True).cuda().to(torch.bfloat16)
