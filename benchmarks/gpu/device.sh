@@ -22,9 +22,8 @@
 # without vllm-kit); 8 part-aa part-ac, 9 part-ab -> f3; then 10 workload-1024x512.json -> p.
 # The sixth's (one machine): 1 smollm2-aa wheels workload-1024x512.json -> u; 2 smollm2-ab -> m5; 3 part-aa -> m6;
 # 4 part-ab -> u2; 5 part-ac -> f; 6 -> d.
-# Not yet run, for a next session: 1 smollm2-aa wheels workload-1024x512.json -> stage; 2 smollm2-ab -> d2 (the case
-# study with --int4-backend triton); 3 -> f4 (GIL switch interval A/B, fastapi from the wheels); then part-aa,
-# part-ab, part-ac -> c (ours and vLLM side by side offline, with every step graphed).
+# The seventh's (one machine): 1 smollm2-aa wheels workload-1024x512.json -> q; 2 smollm2-ab -> d2; 3 part-aa -> stage;
+# 4 part-ab -> f5; 5 part-ac -> f; 6 -> c.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -92,11 +91,17 @@ case "${1:-}" in
     run case_7b 560 python -m optimization --model llama2-7b --random-weights --device cuda \
       --workload-file "$WORKLOAD" --num-prompts 64 --max-output-len 128 --curve 1 --out-dir "$OUT/case_7b"
     ;;
-  d2)  # the case study's INT4 steps with our Triton GEMM instead of tinygemm (needs the default model staged for its
-      # tokenizer, as stage d does; vLLM's row left out)
-    run case_7b_triton 340 python -m optimization --model llama2-7b --random-weights --device cuda \
-      --workload-file "$WORKLOAD" --num-prompts 48 --max-output-len 128 --curve 1 --int4-backend triton \
-      --steps baseline,awq-int4,tuned-batching --out-dir "$OUT/case_7b_triton"
+  d2)  # the case study's steps of our own stack with --int4-backend triton (our INT4 GEMM up to 128 rows, dequantize
+      # + cuBLAS beyond) instead of tinygemm; vLLM's row left out (stage d has it). Needs the default model staged
+      # for its tokenizer.
+    run case_7b_triton 500 python -m optimization --model llama2-7b --random-weights --device cuda \
+      --workload-file "$WORKLOAD" --num-prompts 64 --max-output-len 128 --curve 1 --int4-backend triton \
+      --steps baseline,awq-int4,paged-continuous,tuned-batching --out-dir "$OUT/case_7b_triton"
+    ;;
+  q)  # the INT4 projection backends against BF16 from 1 to 1024 rows; the GPU tests of the kernels and the engine
+    run gemm_bench 200 python -m quantization.gemm_bench --out "$OUT/gemm_bench.json"
+    run gpu_tests 240 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py \
+      tests/test_engines_core.py tests/test_engines_fused.py
     ;;
   e)
     run spec_ours 200 python -m speculative.benchmark --device cuda --dtype float32 \
@@ -128,12 +133,12 @@ case "${1:-}" in
       --max-model-len 2048 --max-num-seqs 256 --workload-file "$WORKLOAD" --num-prompts 400 \
       --request-rate 16,32,64 --no-progress --log-dir "$OUT/serve_logs" --result-dir "$OUT/serve_results" ${EXTRA:-}
     ;;
-  f4)  # ours alone (fastapi etc. from .device-kit/wheels), GIL switch interval 0.5 ms vs 5 (Python's default)
-    for ms in 0.5 5; do
-      run serving_ours_gil$ms 280 python -m engines.vllm.serve --engines ours --device cuda --dtype bfloat16 \
+  f5)  # ours alone over HTTP (fastapi etc. from .device-kit/wheels): the engine in its own process vs in a thread
+    for core in process thread; do
+      run serving_ours_$core 280 python -m engines.vllm.serve --engines ours --device cuda --dtype bfloat16 \
         --max-model-len 2048 --max-num-seqs 256 --workload-file "$WORKLOAD" --num-prompts 400 --request-rate 16,32 \
-        --no-progress --log-dir /tmp/serve_logs_$ms --result-dir /tmp/serve_results_$ms \
-        --ours-args "--gil-switch-interval-ms $ms"
+        --no-progress --log-dir /tmp/serve_logs_$core --result-dir "$OUT/serve_results_$core" \
+        --ours-args "--engine-core $core"
     done
     ;;
   p)  # our engine's steps under the serving arrivals of stage f, in process: decode-only vs with-prefill steps
