@@ -1,8 +1,10 @@
-"""Peak memory of a piece of work: device memory on a GPU, resident set size on a CPU."""
+"""Measuring helpers: peak memory of a piece of work (device memory on a GPU, resident set size on a CPU), and the
+GPU time of a CUDA-graph replay."""
 from __future__ import annotations
 
 import multiprocessing as mp
 import resource
+import statistics
 import sys
 from typing import Any, Callable
 
@@ -59,3 +61,29 @@ def run_isolated(fn: Callable[..., Any], *args) -> tuple[Any, float]:
 
 def gpu_peak_mb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+
+
+def graph_replay_us(fn, warmup: int, repeats: int) -> float:
+    """Median GPU time in microseconds of fn replayed as a CUDA graph, as a serving engine runs its steps, with L2
+    flushed before each replay.
+
+    Launched from Python, a Triton kernel's launch costs tens of microseconds of CPU time, as long as the kernel
+    itself at these sizes, and it would be timed as GPU idle time; a graph replay launches everything at once.
+    """
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # larger than any L2 (50 MB on an H100)
+    fn()  # compiles Triton kernels, builds kernel layouts: never inside a capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(warmup):
+        graph.replay()
+    times = []
+    for _ in range(repeats):
+        flush.zero_()  # evicts the operands from L2: they come from HBM, as in a model whose layers stream through
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)

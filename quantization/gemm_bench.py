@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
 from core.errors import UserError, cli
+from core.measure import graph_replay_us
 from quantization.linear import Int4Linear
 
 SHAPES = {"q/o proj": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}  # name: (N, K)
@@ -35,29 +35,6 @@ ROWS = (1, 8, 16, 32, 64, 128, 256, 512, 1024)
 BACKENDS = ("bf16", "torch", "triton", "gemm", "tdequant", "dequant")
 
 
-def time_us(fn, warmup: int, repeats: int) -> float:
-    """Median GPU time of fn replayed as a CUDA graph, as a serving engine runs its decode steps.
-
-    Launched from Python, a Triton kernel's launch costs tens of microseconds of CPU time, as long as the kernel
-    itself at these sizes, and it would be timed as GPU idle time; a graph replay launches everything at once.
-    """
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # larger than any L2 (50 MB on an H100)
-    fn()  # compiles, autotunes (the matrix-vector kernel), builds tinygemm's layout: never inside a capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(warmup):
-        graph.replay()
-    times = []
-    for _ in range(repeats):
-        flush.zero_()  # evicts the weights from L2: they come from HBM, as in a model whose layers stream through
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
 
 
 def forward(layer: torch.nn.Linear, q: Int4Linear, backend: str, x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             for backend in BACKENDS:
                 row = {"shape": name, "N": N, "K": K, "M": M, "backend": backend}
                 try:
-                    us = time_us(lambda: forward(layer, q, backend, x), args.warmup, args.repeats)
+                    us = graph_replay_us(lambda: forward(layer, q, backend, x), args.warmup, args.repeats)
                     nbytes = layer.weight.nbytes if backend == "bf16" else int4_bytes(q, backend)
                     row.update(us=us, tflops=2 * M * N * K / us / 1e6, weight_gbs=nbytes / us / 1e3)
                 except Exception as e:  # a kernel missing in this torch build, a compiler failure: say so, go on

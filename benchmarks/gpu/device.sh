@@ -22,8 +22,8 @@
 # without vllm-kit); 8 part-aa part-ac, 9 part-ab -> f3; then 10 workload-1024x512.json -> p.
 # The sixth's (one machine): 1 smollm2-aa wheels workload-1024x512.json -> u; 2 smollm2-ab -> m5; 3 part-aa -> m6;
 # 4 part-ab -> u2; 5 part-ac -> f; 6 -> d.
-# The seventh's (one machine): 1 smollm2-aa wheels workload-1024x512.json -> q; 2 smollm2-ab -> d2; 3 part-aa -> stage;
-# 4 part-ab -> f5; 5 part-ac -> f; 6 -> c.
+# The seventh's (one machine): 1 smollm2-aa wheels workload-1024x512.json -> q; 2 smollm2-ab -> d2; 3 part-aa -> c1;
+# 4 part-ab -> stage; 5 part-ac -> f; 6 -> c; then on a fresh machine, no kit: k; a2.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -97,6 +97,15 @@ case "${1:-}" in
     run case_7b_triton 500 python -m optimization --model llama2-7b --random-weights --device cuda \
       --workload-file "$WORKLOAD" --num-prompts 64 --max-output-len 128 --curve 1 --int4-backend triton \
       --steps baseline,awq-int4,paged-continuous,tuned-batching --out-dir "$OUT/case_7b_triton"
+    ;;
+  k)  # where a full batch's decode step goes, by GPU kernel: BF16 at offline's 256 sequences, INT4 at the case study's 64
+    run kernels_7b_bf16 200 python -m engines.profile_kernels --model llama2-7b --random-weights --num-seqs 256 \
+      --out "$OUT/profile_kernels_7b_bf16.json"
+    run kernels_7b_int4 200 python -m engines.profile_kernels --model llama2-7b --random-weights --num-seqs 64 \
+      --int4 triton --out "$OUT/profile_kernels_7b_int4_triton.json"
+    ;;
+  a2)  # the paged decode attention kernel alone, over launch configurations
+    run attention_bench 400 python -m engines.attention_bench --out "$OUT/attention_bench.json"
     ;;
   q)  # the INT4 projection backends against BF16 from 1 to 1024 rows; the GPU tests of the kernels and the engine
     run gemm_bench 200 python -m quantization.gemm_bench --out "$OUT/gemm_bench.json"

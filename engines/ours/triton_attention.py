@@ -99,14 +99,16 @@ def _multiprocessors(device_index: int) -> int:
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, num_splits: int | None = None) -> torch.Tensor:
+                           seq_lens: torch.Tensor, num_splits: int | None = None, tile: int | None = None,
+                           **launch) -> torch.Tensor:
     """One query per sequence over its paged keys/values.
 
     q: [B, H, D]; k_pool, v_pool: [num_blocks, block_size, Hkv, D]; block_tables: int [B, max_blocks];
     seq_lens: int [B], keys per sequence (>= 1; the query's own key already written). Returns [B, H, D].
     num_splits (a power of two; default: num_splits_for): with S > 1 each sequence's keys are cut into S parts
     attended by S programs at once ("flash-decoding"), then merged; at batch 1 there are only Hkv (sequence, head)
-    pairs, too few programs to keep a GPU's memory system busy.
+    pairs, too few programs to keep a GPU's memory system busy. `tile` (keys per loop step) and `launch` (Triton's
+    num_warps, num_stages) override the defaults; engines/attention_bench.py sweeps them.
     """
     b, h, d = q.shape
     assert d == triton.next_power_of_2(d), "head_dim must be a power of two"
@@ -114,8 +116,15 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     group = h // hkv
     group_pad = triton.next_power_of_2(group)
     splits = num_splits or num_splits_for(b, hkv, q.device)
-    # Tiles as long as a [GROUP_PAD, TILE, D] product of ~8K floats allows: more loads in flight per program.
-    tile = max(16, min(128, triton.next_power_of_2(max(8192 // (group_pad * d), 1))))
+    # Keys per loop step and warps, measured on an H100 (engines/attention_bench.py, results/h100/attention_bench.json):
+    # with one query head per KV head (Llama-2-7B) 32 keys on 2 warps read 2.8 TB/s where 64 keys on 4 warps read
+    # 1.9; with grouped heads (SmolLM2: 3 per KV head) a [GROUP_PAD, TILE, D] product of ~16K floats on 4 warps.
+    if group_pad == 1:
+        default_tile, warps = 32, 2
+    else:
+        default_tile, warps = max(16, min(128, triton.next_power_of_2(max(16384 // (group_pad * d), 1)))), 4
+    tile = tile or default_tile
+    launch.setdefault("num_warps", warps)
     q = q.contiguous()
     out = torch.empty_like(q)
     part = out[:, :, None] if splits == 1 else torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
@@ -125,7 +134,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         q, k_pool, v_pool, block_tables, seq_lens, part, lse, d ** -0.5,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, TILE=tile, HEAD_DIM=d, NUM_SPLITS=splits)
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, TILE=tile, HEAD_DIM=d, NUM_SPLITS=splits, **launch)
     if splits > 1:
         _merge_splits_kernel[(b, h)](part, lse, out, out.stride(0), out.stride(1), NUM_SPLITS=splits, HEAD_DIM=d)
     return out
