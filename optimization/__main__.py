@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-input-len", type=int, default=256)
     parser.add_argument("--max-batch-size", type=int, default=8, help="static batch of the baseline")
     parser.add_argument("--quant", choices=["awq", "rtn"], default=None, help="default awq (rtn for random weights)")
-    parser.add_argument("--int4-backend", choices=["torch", "triton"], default="torch",
-                        help="INT4 kernels: torch (PyTorch's tinygemm) or triton (GPU: our GEMM for batched rows)")
+    parser.add_argument("--int4-backend", choices=["torch", "triton"], default=None,
+                        help="INT4 kernels: torch (PyTorch's tinygemm and its CPU twin) or triton (GPU: our GEMM up to "
+                             "128 rows, dequantize + cuBLAS beyond). Default: triton on a GPU, torch on a CPU")
     parser.add_argument("--ppl-tokens", type=int, default=2048, help="evaluation-split tokens for perplexity")
     parser.add_argument("--gpu-hour-price", type=float, default=2.0, help="$ per machine-hour for the cost column")
     parser.add_argument("--curve", default="0.5,1,2", help="rate multipliers of the latency-throughput curves")
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown or "baseline" not in steps:
         raise UserError(f"--steps must include baseline and only name {', '.join(STEPS)} (got {args.steps})")
     on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    args.int4_backend = args.int4_backend or ("triton" if on_gpu else "torch")
     if args.int4_backend == "triton" and not on_gpu:
         raise UserError("--int4-backend triton runs our Triton kernels, which need a CUDA GPU")
     num_prompts = args.num_prompts or (256 if on_gpu else 32)
