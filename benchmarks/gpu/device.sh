@@ -23,7 +23,9 @@
 # The sixth's (one machine): 1 smollm2-aa wheels workload-1024x512.json -> u; 2 smollm2-ab -> m5; 3 part-aa -> m6;
 # 4 part-ab -> u2; 5 part-ac -> f; 6 -> d.
 # The seventh's (one machine): 1 smollm2-aa wheels workload-1024x512.json -> q; 2 smollm2-ab -> d2; 3 part-aa -> c1;
-# 4 part-ab -> stage; 5 part-ac -> f; 6 -> c; then on a fresh machine, no kit: k; a2.
+# 4 part-ab -> stage; 5 part-ac -> f; 6 -> c; then on a fresh machine, no kit: k; a2; c1 + k; then
+# 1 smollm2-aa wheels/gguf-0.19.0-py3-none-any.whl workload-1024x512.json -> stage (with all of wheels/ the carry
+# went over 64 MiB once the tree had grown); 2 smollm2-ab -> d2.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
