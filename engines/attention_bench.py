@@ -4,7 +4,8 @@ Decoding a full batch of a 7B model spends most of its GPU time in this kernel (
 75% of a 256-sequence step), and the kernel only reads: each sequence's keys and values once per layer. So its speed
 is its bandwidth, K/V bytes over time, against the ~3 TB/s an H100 copies at. This times one layer's call, replayed
 from a CUDA graph with L2 flushed (core.measure.graph_replay_us), for the default launch configuration and a sweep of
-keys per loop step (tile), warps and pipeline stages; every configuration's output is checked against the default's.
+keys per loop step (tile), warps, pipeline stages and (`--splits`) the number of programs each sequence's keys are
+split over; every configuration's output is checked against the default's.
 Block tables are a random permutation of the pool, as after a while of serving.
 
     python -m engines.attention_bench --out attention.json        # on a GPU: a minute or two
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiles", default="32,64,128")
     parser.add_argument("--warps", default="2,4,8")
     parser.add_argument("--stages", default="1,2,3")
+    parser.add_argument("--splits", default="0", help="num_splits values to sweep (0: the kernel's own choice)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -54,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("this benchmark needs a CUDA GPU")
     from engines.ours.triton_attention import paged_decode_attention
 
-    configs = [dict(tile=t, num_warps=w, num_stages=s) for t, w, s in itertools.product(
-        *(map(int, x.split(",")) for x in (args.tiles, args.warps, args.stages)))]
+    configs = [dict(tile=t, num_warps=w, num_stages=s, num_splits=n or None) for t, w, s, n in itertools.product(
+        *(map(int, x.split(",")) for x in (args.tiles, args.warps, args.stages, args.splits)))]
     results = []
     for case in args.cases.split(","):
         shape, batch, seq_len = case.split(":")

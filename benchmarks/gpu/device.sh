@@ -109,6 +109,11 @@ case "${1:-}" in
   a2)  # the paged decode attention kernel alone, over launch configurations
     run attention_bench 400 python -m engines.attention_bench --out "$OUT/attention_bench.json"
     ;;
+  a3)  # the same, split-K over the sequence (flash-decoding) at every batch size, for both head layouts
+    run attention_splits 300 python -m engines.attention_bench --cases \
+      smollm2-135m:256:256,smollm2-135m:128:512,smollm2-135m:32:512,llama2-7b:256:256,llama2-7b:64:256 \
+      --tiles 32,64 --warps 2,4 --stages 2 --splits 1,2,4,8 --out "$OUT/attention_splits.json"
+    ;;
   q)  # the INT4 projection backends against BF16 from 1 to 1024 rows; the GPU tests of the kernels and the engine
     run gemm_bench 200 python -m quantization.gemm_bench --out "$OUT/gemm_bench.json"
     run gpu_tests 240 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py \

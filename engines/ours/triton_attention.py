@@ -84,12 +84,14 @@ def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, NUM_S
 
 
 def num_splits_for(batch: int, kv_heads: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU: one per (sequence, KV head) when that already gives two per multiprocessor,
-    else the sequence split in up to 16 pieces. Depends on the batch size only, so a captured graph keeps it."""
+    """Enough programs to keep the GPU's memory system busy: about 12 per multiprocessor, the sequence split in up to
+    16 pieces when (sequence, KV head) pairs alone are fewer. Measured on an H100 (engines/attention_bench.py,
+    results/h100/attention_splits.json): 1 split for the Llama-2-7B shape at 64-256 sequences, 2 / 4 / 8 for
+    SmolLM2's 3 KV heads at 256 / 128 / 32 sequences. Depends on the batch size only, so a captured graph keeps it."""
     if device.type != "cuda":
         return 1
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    return min(16, triton.next_power_of_2(max(1, -(-2 * sms // (batch * kv_heads)))))
+    return min(16, triton.next_power_of_2(max(1, 12 * sms // (batch * kv_heads))))
 
 
 @functools.cache
@@ -116,15 +118,11 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     group = h // hkv
     group_pad = triton.next_power_of_2(group)
     splits = num_splits or num_splits_for(b, hkv, q.device)
-    # Keys per loop step and warps, measured on an H100 (engines/attention_bench.py, results/h100/attention_bench.json):
-    # with one query head per KV head (Llama-2-7B) 32 keys on 2 warps read 2.8 TB/s where 64 keys on 4 warps read
-    # 1.9; with grouped heads (SmolLM2: 3 per KV head) a [GROUP_PAD, TILE, D] product of ~16K floats on 4 warps.
-    if group_pad == 1:
-        default_tile, warps = 32, 2
-    else:
-        default_tile, warps = max(16, min(128, triton.next_power_of_2(max(16384 // (group_pad * d), 1)))), 4
-    tile = tile or default_tile
-    launch.setdefault("num_warps", warps)
+    # Keys per loop step and warps, measured on an H100 (engines/attention_bench.py, results/h100/attention_bench.json
+    # and attention_splits.json): 32 keys on 2 warps, for the 7B shape 2.8 TB/s where 64 keys on 4 warps read 1.9;
+    # fewer keys when several query heads share a KV head, so that the [GROUP_PAD, TILE, D] product stays in registers.
+    tile = tile or max(16, min(32, triton.next_power_of_2(max(8192 // (group_pad * d), 1))))
+    launch.setdefault("num_warps", 2)
     q = q.contiguous()
     out = torch.empty_like(q)
     part = out[:, :, None] if splits == 1 else torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
