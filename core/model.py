@@ -76,9 +76,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, positions, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         # Head counts come from the projections' sizes, so tensor parallelism can shard them without a new class.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.project_qkv(x))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = attention(q, k, v, None) if T == 1 else F.scaled_dot_product_attention(
@@ -86,6 +84,10 @@ class Attention(nn.Module):
         else:
             out = cache.attend(self.layer_idx, q, k, v, positions)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, T, hidden] -> q, k, v [B, T, heads * head_dim] (a serving engine may do this in one matmul)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
 class MLP(nn.Module):

@@ -2,20 +2,17 @@
 greedy text, streamed or not and concurrently; an error inside the engine process comes back as an error of that
 request; a disconnect frees the blocks in the engine process; a dead engine process fails its requests and /health."""
 import asyncio
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from benchmarks.server import free_port
 from core.errors import UserError
 from core.generate import SamplingParams
 from engines.ours.engine_core import ProcessLLMEngine
 from engines.ours.server import build_app
-from tests.test_engines_server import MODEL, PROMPT, greedy_text, scrape
+from tests.test_engines_server import MODEL, PROMPT, greedy_text, scrape, serve_in_thread
 
 ENGINE = dict(model=MODEL, device="cpu", dtype="float32", max_num_seqs=8, max_model_len=256, num_kv_blocks=64)
 
@@ -23,20 +20,10 @@ ENGINE = dict(model=MODEL, device="cpu", dtype="float32", max_num_seqs=8, max_mo
 @pytest.fixture(scope="module")
 def server():
     engine = ProcessLLMEngine(ENGINE)
-    uv = uvicorn.Server(uvicorn.Config(build_app(engine, MODEL), host="127.0.0.1", port=free_port(),
-                                       log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{uv.config.port}"
     try:
-        yield engine, url, openai.OpenAI(base_url=url + "/v1", api_key="none")
+        with serve_in_thread(build_app(engine, MODEL)) as url:
+            yield engine, url, openai.OpenAI(base_url=url + "/v1", api_key="none")
     finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
         engine.shutdown()
 
 

@@ -2,6 +2,7 @@
 streaming, concurrent requests), disconnects free their KV blocks, bad requests get a 400 error body, /metrics
 parses and counts, and the command line serves what the harness drives."""
 import asyncio
+import contextlib
 import subprocess
 import sys
 import threading
@@ -24,25 +25,30 @@ MODEL = "smollm2-135m"
 MAX_MODEL_LEN = 512
 
 
-@pytest.fixture(scope="module")
-def server(smollm):
-    """Our server in this process (so a test can look at the engine's block pool), on a free loopback port."""
-    engine = LLMEngine(smollm, max_num_seqs=8, max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
-    uv = uvicorn.Server(uvicorn.Config(build_app(AsyncLLMEngine(engine), MODEL), host="127.0.0.1",
-                                       port=free_port(), log_level="warning"))
+@contextlib.contextmanager
+def serve_in_thread(app):
+    """uvicorn serving `app` from a thread of this process on a free loopback port; yields the base URL."""
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not uv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{uv.config.port}"
     try:
-        yield SimpleNamespace(url=url, engine=engine, client=openai.OpenAI(base_url=url + "/v1", api_key="none"),
-                              tokenizer=smollm.tokenizer)
+        yield f"http://127.0.0.1:{uv.config.port}"
     finally:
         uv.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(smollm):
+    """Our server in this process (so a test can look at the engine's block pool), on a free loopback port."""
+    engine = LLMEngine(smollm, max_num_seqs=8, max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
+    with serve_in_thread(build_app(AsyncLLMEngine(engine), MODEL)) as url:
+        yield SimpleNamespace(url=url, engine=engine, client=openai.OpenAI(base_url=url + "/v1", api_key="none"),
+                              tokenizer=smollm.tokenizer)
 
 
 def greedy_text(lm, ids: list[int], max_tokens: int) -> str:

@@ -3,8 +3,8 @@
 In async_engine.py the loop is a thread of the server process and shares the GIL with the event loop, which parses
 requests, detokenizes and writes a server-sent event for every token of every stream. On a GPU, where a step of a
 small model takes 2-3 ms, the step's own Python keeps waiting for its turn (measured on an H100, engines/README.md:
-steps of 2.3-3.1 ms in one process, 4.9 ms per output token over HTTP at 16 req/s). Here the engine lives in a
-child process, and the two sides talk through two pipes:
+steps of 2.3-3.1 ms in one process, 4.9 ms per output token over HTTP at 16 req/s; 2.5 ms with this file). Here the
+engine lives in a child process, and the two sides talk through two pipes:
 
     server process                                   engine process
     generate(), abort()  -- "add" | "abort" | "stop" -->  applies the commands between steps, runs step()

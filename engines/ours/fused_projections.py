@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.kv_cache import KVCache, attention
-from core.model import MLP, Attention, DecoderLayer, Transformer, apply_rope
+from core.model import MLP, Attention, DecoderLayer, Transformer
 
 
 def stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -65,18 +64,8 @@ class FusedAttention(Attention):
         self.qkv_proj = stack_linears([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = attn.o_proj
 
-    def forward(self, x, cos, sin, positions, cache: KVCache | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2)
-                   for t in self.qkv_proj(x).split(self.qkv_sizes, dim=-1))
-        # From here on exactly core.model.Attention.forward.
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
-            out = attention(q, k, v, None) if T == 1 else F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-        else:
-            out = cache.attend(self.layer_idx, q, k, v, positions)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # the rest is core.model.Attention.forward
 
 
 class FusedMLP(MLP):
