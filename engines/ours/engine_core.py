@@ -61,7 +61,11 @@ class ProcessLLMEngine:
         self._send_lock = threading.Lock()  # handlers and shutdown may send at the same time
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
-        first = self._receive()
+        try:
+            first = self._receive()
+        except BaseException:  # Ctrl-C while the model loads: do not leave the child behind
+            self._process.terminate()
+            raise
         if first is None or first[0] == "failed":
             self._process.join()
             if first is None:
