@@ -25,7 +25,9 @@
 # The seventh's (one machine): 1 smollm2-aa wheels workload-1024x512.json -> q; 2 smollm2-ab -> d2; 3 part-aa -> c1;
 # 4 part-ab -> stage; 5 part-ac -> f; 6 -> c; then on a fresh machine, no kit: k; a2; c1 + k; then
 # 1 smollm2-aa wheels/gguf-0.19.0-py3-none-any.whl workload-1024x512.json -> stage (with all of wheels/ the carry
-# went over 64 MiB once the tree had grown); 2 smollm2-ab -> d2.
+# went over 64 MiB once the tree had grown); 2 smollm2-ab -> d2; then a3; then 1 smollm2-aa gguf wheel workload,
+# 2 smollm2-ab, 3 part-aa, 4 part-ab -> stage; 5 part-ac -> GPU tests + f; then 1 part-aa, 2 part-ab -> stage;
+# 3 part-ac -> c7.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -85,6 +87,9 @@ case "${1:-}" in
     ;;
   c)
     run engines 540 python -m engines.gpu_bench --out "$OUT/gpu_bench.json"
+    ;;
+  c7)  # both engines on the Llama-2-7B shape only (vllm-kit staged; vLLM needs only the shape's config.json)
+    run engines_7b 400 python -m engines.gpu_bench --models llama2-7b --out "$OUT/gpu_bench_7b.json"
     ;;
   c1)
     run engines_ours_7b 300 python -m engines.gpu_bench --engines ours --models llama2-7b --out "$OUT/gpu_bench_ours_7b.json"
