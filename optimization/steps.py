@@ -124,7 +124,8 @@ def _quantized_model(cfg: StepConfig, dtype: str) -> tuple[LoadedModel, str]:
         awq_model(lm.model, ids.to(next(lm.model.parameters()).device), group, search_samples=8)
         torch.save(lm.model, cfg.quantized_path)
     # "torch": PyTorch's packed INT4 kernels (tinygemm on CUDA, its twin on CPU), fastest at one row; "triton" (GPU):
-    # our tensor-core GEMM, 2-5x faster than tinygemm at 16-256 rows per projection on an H100 (gemm_bench.py).
+    # our tensor-core GEMM up to 128 rows (3-6x faster than tinygemm at 64-256 rows per projection on an H100,
+    # gemm_bench.py), dequantize + cuBLAS beyond.
     set_backend(lm.model, cfg.int4_backend)
     return lm, notes
 

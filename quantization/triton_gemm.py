@@ -29,7 +29,7 @@ one-pass kernel (the same unpacking, so the same weights), and F.linear multipli
 reading it in BF16 does, small next to the multiply of hundreds of rows; linear.py takes that path there.
 
 Block sizes come from a small table by row count, not from autotuning: a serving engine captures CUDA graphs, and
-timing configs during a capture is trouble. Up to MATVEC_MAX_ROWS rows linear.py uses triton_gemv.py instead.
+timing configs during a capture is trouble. At one row linear.py uses triton_gemv.py's kernel instead.
 Checked against the float reference in tests/test_quantization_triton.py (Triton's CPU interpreter; float32) and
 on a GPU by its bfloat16 twin; timed against BF16 by quantization/gemm_bench.py.
 """
@@ -98,6 +98,15 @@ def _int4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.conste
     tl.store(out_ptr + n[:, None] * K + k0 + tl.arange(0, BLOCK_K)[None, :], w, mask=n_ok)
 
 
+def k_tile(group_size: int, max_k: int = 128) -> int:
+    """The largest K tile up to max_k that divides the group, so that a tile has one scale and zero per channel; a
+    dot needs a depth of at least 16 (and BLOCK_K / 2 bytes >= 16)."""
+    block_k = next((bk for bk in (128, 64, 32) if bk <= max_k and group_size % bk == 0), None)
+    if block_k is None:
+        raise ValueError(f"the Triton INT4 kernels take group sizes that are multiples of 32 (got {group_size})")
+    return block_k
+
+
 DEQUANT_MIN_ROWS = 128  # beyond this many rows linear.py dequantizes W and lets cuBLAS multiply
 
 
@@ -105,9 +114,9 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
                     dtype: torch.dtype) -> torch.Tensor:
     """qweight uint8 [N, K/2], scales [N, G], zeros uint8 [N, G] -> W [N, K] in dtype, as int4_matmul unpacks it."""
     N, K = qweight.shape[0], qweight.shape[1] * 2
-    block_k = next((bk for bk in (128, 64, 32) if group_size % bk == 0), None)
-    if block_k is None or K % group_size:
-        raise ValueError(f"group size {group_size} must be a multiple of 32 that divides K = {K}")
+    if K % group_size:
+        raise ValueError(f"group size {group_size} does not divide K = {K}")
+    block_k = k_tile(group_size)
     out = torch.empty(N, K, dtype=dtype, device=qweight.device)
     grid = (triton.cdiv(N, 32), K // block_k)
     _int4_dequantize_kernel[grid](qweight.contiguous(), scales.contiguous(), zeros.contiguous(), out, N, K,
@@ -131,10 +140,7 @@ def _sm_count(device: torch.device) -> int:  # on a CPU (the interpreter tests) 
 
 def block_config(M: int, N: int, K: int, group_size: int, device: torch.device) -> dict:
     _, block_m, block_n, max_k, warps, stages = next(t for t in TILES if t[0] is None or M <= t[0])
-    # The largest K tile that divides the group; a dot needs a depth of at least 16 (and BLOCK_K / 2 bytes >= 16).
-    block_k = next((bk for bk in (128, 64, 32) if bk <= max_k and group_size % bk == 0), None)
-    if block_k is None:
-        raise ValueError(f"the Triton INT4 GEMM takes group sizes that are multiples of 32 (got {group_size})")
+    block_k = k_tile(group_size, max_k)
     # Split K while the tiles alone give under 4 programs per SM, up to 8 ways, and while the float32 partial sums
     # [split, M, N] stay small (split * M <= 256): on an H100, M = 16 at 8 ways and M = 64 at 4 were the fastest.
     tiles, split = triton.cdiv(M, block_m) * triton.cdiv(N, block_n), 1
