@@ -62,6 +62,14 @@ async def consume(outputs: asyncio.Queue, abort: Callable[[], None]) -> AsyncIte
             abort()
 
 
+def put_threadsafe(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, item) -> None:
+    """Hand `item` to a request's queue from a thread that is not the event loop's."""
+    try:
+        loop.call_soon_threadsafe(outputs.put_nowait, item)
+    except RuntimeError:
+        pass  # the event loop is closed: the server is shutting down
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None):
         self.engine = engine
@@ -151,11 +159,7 @@ class AsyncLLMEngine:
         target = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
         if target is None:
             return  # aborted meanwhile
-        loop, outputs = target
-        try:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
-        except RuntimeError:
-            pass  # the event loop is closed: the server is shutting down
+        put_threadsafe(*target, item)
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self._streams):

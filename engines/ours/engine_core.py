@@ -30,7 +30,7 @@ from typing import AsyncIterator
 from core.errors import UserError
 from core.generate import SamplingParams
 from core.loading import load_tokenizer
-from engines.ours.async_engine import EngineInfo, consume
+from engines.ours.async_engine import EngineInfo, consume, put_threadsafe
 from engines.ours.metrics import ServerMetrics
 from engines.ours.outputs import RequestOutput
 from engines.ours.sequence import RequestMetrics
@@ -141,27 +141,21 @@ class ProcessLLMEngine:
                                         reason is not None, reason, metrics or stream.metrics)
                     if out.finished:
                         self._streams.pop(request_id, None)
-                    _deliver(stream, out)
+                    put_threadsafe(stream.loop, stream.queue, out)
                     outputs.append(out)
                 self.metrics.record_step(outputs, stats)
             elif message[0] == "error":  # one request failed: a bad request (a UserError) or a failed step
                 _, request_id, text, user_error = message
                 stream = self._streams.pop(request_id, None)
                 if stream is not None:
-                    _deliver(stream, (UserError if user_error else RuntimeError)(text))
+                    put_threadsafe(stream.loop, stream.queue, (UserError if user_error else RuntimeError)(text))
             else:  # "stats", sent when the engine goes idle
                 self.metrics.record_stats(message[1])
         reason = "the server is shutting down" if self._stopping else \
             f"the engine process stopped (exit code {self._process.exitcode})"
         for request_id in list(self._streams):
-            _deliver(self._streams.pop(request_id), RuntimeError(reason))
-
-
-def _deliver(stream: _Stream, item) -> None:
-    try:
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-    except RuntimeError:
-        pass  # the event loop is closed: the server is shutting down
+            stream = self._streams.pop(request_id)
+            put_threadsafe(stream.loop, stream.queue, RuntimeError(reason))
 
 
 # --- the engine process --------------------------------------------------------------------------------------------
