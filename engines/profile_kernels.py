@@ -3,7 +3,8 @@
 Offline throughput and the case study's tuned step both spend nearly all their time in decode steps of a full batch.
 This fills the engine with `--num-seqs` requests at once, lets them all prefill, then records `--steps` decode steps
 with torch.profiler: per step the wall time (what a user waits) and the sum of GPU kernel times (the GPU's busy
-time; the rest of the wall time the GPU waits for Python), and the kernels that took the most time.
+time; the rest of the wall time the GPU waits for Python), and the kernels that took the most time. The wall time
+is taken under the profiler, whose per-op bookkeeping adds host time: the idle share it shows is an upper bound.
 `--int4 triton|torch` first quantizes the decoder layers' projections (RTN INT4, group 128) as the case study does.
 
     python -m engines.profile_kernels --model llama2-7b --random-weights --num-seqs 256      # GPU
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         set_backend(lm.model, args.int4)
     on_cuda = lm.model.lm_head.weight.is_cuda
     llm = LLM(lm, max_num_seqs=args.num_seqs, max_model_len=args.input_len + args.steps + 64,
-              enable_prefix_caching=False, skip_tokenizer_init=True, torch_compile=False if args.int4 else None)
+              enable_prefix_caching=False, skip_tokenizer_init=True,
+              torch_compile=False if args.int4 else None)  # INT4 layers uncompiled, as in optimization/steps.py
     vocab = min(lm.model.config.vocab_size, 32000)
     for i in range(args.num_seqs):
         prompt = [(31 * i + 7 * j) % (vocab - 10) + 10 for j in range(args.input_len)]
