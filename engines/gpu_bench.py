@@ -30,10 +30,14 @@ from pathlib import Path
 
 from core.errors import UserError, cli
 
-ENGINES = ("vllm", "ours", "ours-uncompiled")  # the last: ours without torch.compile of its layers
-# Ours: how many sequences may run at once per shape. The 7B shape's KV cache holds ~200 full 512-token sequences on
-# an 80 GB GPU, so admitting more only leads to preemption; the 135M shape fits all 1000 at once.
-DEFAULT_MAX_NUM_SEQS = {"llama2-7b": 256}
+# ours-uncompiled: ours without torch.compile of its layers; ours-sync: without async scheduling (each step waits
+# for its own tokens before the next is scheduled)
+ENGINES = ("vllm", "ours", "ours-uncompiled", "ours-sync")
+# Ours runs at most this many sequences at once (vLLM's default on a large GPU), and never more than its KV cache
+# holds whole (`kv_capacity_in_requests`): admitting more only leads to preemption. The 7B shape's cache holds ~200
+# 528-token sequences on an 80 GB H100, ~420 on a 141 GB H200; the 135M shape's holds all 1000 requests.
+MAX_NUM_SEQS = 1024
+KV_CACHE_GB_ON_CPU = 2.0
 
 
 def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -89,19 +93,29 @@ def check_against_reference_path(lm, torch_compile: bool = False) -> float:
 FAST_TO_SAFE = ("cuda graphs + triton", "eager + triton", "eager + gather")
 
 
-def build_ours(lm, args: argparse.Namespace, max_num_seqs: int, mode: str, torch_compile: bool):
+def build_ours(lm, args: argparse.Namespace, max_num_seqs: int, mode: str, torch_compile: bool,
+               async_scheduling: bool = True):
     from engines.ours import LLM
     llm = LLM(lm, max_num_seqs=max_num_seqs, skip_tokenizer_init=True, max_model_len=args.input_len + args.output_len
               + 16, max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=mode != FAST_TO_SAFE[0],
-              torch_compile=torch_compile and mode != "eager + gather",
+              torch_compile=torch_compile and mode != "eager + gather", async_scheduling=async_scheduling,
               gpu_memory_utilization=args.gpu_memory_utilization,
-              kv_cache_memory_gb=None if lm.model.embed_tokens.weight.is_cuda else 2.0)
+              kv_cache_memory_gb=None if lm.model.embed_tokens.weight.is_cuda else KV_CACHE_GB_ON_CPU)
     if mode == "eager + gather":
         llm.runner.cache.use_triton = False
     return llm
 
 
-def run_ours(args: argparse.Namespace, torch_compile: bool) -> dict:
+def kv_capacity_in_requests(lm, args: argparse.Namespace, block_size: int = 16) -> int:
+    """How many of the benchmark's requests (prompt + output + the engine's 16 spare tokens) our KV cache holds whole,
+    with the memory the engine will get."""
+    from engines.ours.llm_engine import kv_cache_blocks
+    on_cpu = not lm.model.embed_tokens.weight.is_cuda
+    blocks = kv_cache_blocks(lm, block_size, None, KV_CACHE_GB_ON_CPU if on_cpu else None, args.gpu_memory_utilization)
+    return blocks // -(-(args.input_len + args.output_len + 16) // block_size)
+
+
+def run_ours(args: argparse.Namespace, torch_compile: bool, async_scheduling: bool) -> dict:
     import torch
 
     from core.generate import SamplingParams
@@ -115,7 +129,7 @@ def run_ours(args: argparse.Namespace, torch_compile: bool) -> dict:
         logit_error, failures = None, [f"check: {type(e).__name__}: {e}"]
     else:
         failures = []
-    max_num_seqs = args.max_num_seqs or DEFAULT_MAX_NUM_SEQS.get(args.model, 1024)
+    max_num_seqs = args.max_num_seqs or max(1, min(MAX_NUM_SEQS, kv_capacity_in_requests(lm, args)))
     vocab = lm.model.config.vocab_size
     prompts = random_prompts(args.num_requests, args.input_len, vocab)
     # One GPU run must give numbers: if the fast path fails here, fall back step by step and say so in the result.
@@ -123,7 +137,7 @@ def run_ours(args: argparse.Namespace, torch_compile: bool) -> dict:
     for mode in FAST_TO_SAFE:
         try:
             t = time.perf_counter()
-            llm = build_ours(lm, args, max_num_seqs, mode, torch_compile)
+            llm = build_ours(lm, args, max_num_seqs, mode, torch_compile, async_scheduling)
             startup_s = time.perf_counter() - t
             llm.generate(prompts[:8], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
             break
@@ -150,7 +164,7 @@ def run_ours(args: argparse.Namespace, torch_compile: bool) -> dict:
             "fast_vs_reference_logit_error": logit_error, "failures": failures,
             "config": {"mode": mode, "max_num_seqs": max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                        "num_kv_blocks": llm.block_manager.num_blocks, "block_size": llm.block_manager.block_size,
-                       "cuda_graphs": llm.runner.graphs is not None,
+                       "cuda_graphs": llm.runner.graphs is not None, "async_scheduling": llm.async_scheduling,
                        "torch_compile": torch_compile and mode != "eager + gather",
                        "decode_attention": "triton" if llm.runner.cache.use_triton else "torch gather + SDPA"},
             "label": llm.label}
@@ -236,7 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch1-tokens", type=int, default=256, help="tokens decoded in the batch-1 measurement")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default=None, help="default bfloat16 on GPU")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="ours (default 1024; 256 for llama2-7b)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help=f"ours (default: {MAX_NUM_SEQS}, or as many requests as its KV cache holds whole if fewer)")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="ours: token budget of a step")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--timeout", type=int, default=600, help="seconds per engine and model")
@@ -264,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         args.model = args.worker_model
-        result = run_vllm(args) if args.worker == "vllm" else run_ours(args, args.worker == "ours")
+        result = (run_vllm(args) if args.worker == "vllm" else
+                  run_ours(args, args.worker != "ours-uncompiled", args.worker != "ours-sync"))
         Path(args.worker_out).write_text(json.dumps(result))
         return
     # Workers get the same options, minus the ones only the parent uses.

@@ -44,13 +44,13 @@ def run(llm, lengths: list[tuple[int, int]], rate: float, vocab: int, seed: int 
         t += rng.expovariate(rate)
         arrivals.append(t)
     batches = []
-    run_batch = llm.runner.run
+    launch = llm.runner.launch
 
-    def recording_run(batch):  # the step's batch, seen on its way to the model
+    def recording_launch(batch, previous=None):  # the step's batch, seen on its way to the model
         batches.append(batch)
-        return run_batch(batch)
+        return launch(batch, previous)
 
-    llm.runner.run = recording_run
+    llm.runner.launch = recording_launch
     steps, nxt, start = [], 0, time.perf_counter()
     while nxt < len(lengths) or llm.has_unfinished_requests():
         now = time.perf_counter() - start
@@ -71,7 +71,7 @@ def run(llm, lengths: list[tuple[int, int]], rate: float, vocab: int, seed: int 
         prefill = sum(n for n in batch.num_tokens if n > 1)
         steps.append({"kind": "with prefill" if prefill else "decode only", "ms": ms, "seqs": len(batch.seqs),
                       "prefill_tokens": prefill, "at_s": t0 - start})
-    llm.runner.run = run_batch
+    llm.runner.launch = launch
     return steps
 
 
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     if max(p + o for p, o in lengths) > args.max_model_len:
         raise UserError(f"a request needs more than --max-model-len {args.max_model_len} tokens")
     llm = LLM(lm, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+              async_scheduling=False,  # each step() then times its own step
               enable_prefix_caching=False, skip_tokenizer_init=True)
     vocab = min(lm.model.config.vocab_size, 32000)
     if not args.no_warm_up:

@@ -105,6 +105,7 @@ def random_prompts(n, seed, lo=3, hi=40, shared_prefix=0):
     return [prefix + [rng.randrange(3, 49152) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
 @pytest.mark.parametrize("case", [
     dict(num_kv_blocks=64, max_num_batched_tokens=2048),                           # plenty of memory
     dict(num_kv_blocks=64, max_num_batched_tokens=7),                              # prefill in chunks of <= 7
@@ -112,11 +113,14 @@ def random_prompts(n, seed, lo=3, hi=40, shared_prefix=0):
     dict(num_kv_blocks=16, max_num_batched_tokens=16, max_model_len=64, enable_prefix_caching=False),
     dict(num_kv_blocks=600, max_num_batched_tokens=2048, block_size=1),
 ])
-def test_greedy_equals_plain_generation_tiny(tiny64, case):
+def test_greedy_equals_plain_generation_tiny(tiny64, case, async_scheduling):
+    """Async scheduling (each step launched before the previous one's tokens are back) must change nothing."""
+    case = dict(case)
     params = SamplingParams(max_tokens=8 if "max_model_len" in case else 12, ignore_eos=True)
     prompts = random_prompts(7, seed=1, shared_prefix=9) + random_prompts(3, seed=2, hi=20)
     arrivals = {0: prompts[:4], 1: prompts[4:6], 3: prompts[6:8], 9: prompts[8:]}
-    llm = LLM(tiny64, block_size=case.pop("block_size", 4), max_model_len=case.pop("max_model_len", 128), **case)
+    llm = LLM(tiny64, block_size=case.pop("block_size", 4), max_model_len=case.pop("max_model_len", 128),
+              async_scheduling=async_scheduling, **case)
     assert run_staggered(llm, arrivals, params) == reference(tiny64, prompts, params)
     if case["num_kv_blocks"] == 16:
         assert llm.scheduler.num_preemptions > 0  # the case really exercised preemption
@@ -134,12 +138,15 @@ def test_prefix_cache_hits_on_shared_prefix(tiny64):
     assert_pool_full(llm)
 
 
-def test_greedy_equals_plain_generation_default_model(smollm):
-    """Real weights, chat prompts, EOS stops, preemption and prefix caching (the system prompt is shared)."""
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_greedy_equals_plain_generation_default_model(smollm, async_scheduling):
+    """Real weights, chat prompts, EOS stops, preemption and prefix caching (the system prompt is shared). With
+    async scheduling a request that stops on EOS has one more token computed, which must not show."""
     questions = ["What is the capital of France?", "Name three colours.", "What is 2+2?", "Say hello."]
     prompts = [chat_prompt(smollm.tokenizer, q) for q in questions]
     params = SamplingParams(max_tokens=12)
-    llm = LLM(smollm, block_size=8, num_kv_blocks=10, max_model_len=64, max_num_batched_tokens=48)
+    llm = LLM(smollm, block_size=8, num_kv_blocks=10, max_model_len=64, max_num_batched_tokens=48,
+              async_scheduling=async_scheduling)
     out = run_staggered(llm, {0: prompts[:2], 2: prompts[2:]}, params)
     assert out == reference(smollm, prompts, params)
     assert llm.scheduler.num_preemptions > 0 and llm.stats()["prefix_cache_hits"] > 0
@@ -162,15 +169,38 @@ def test_seeded_sampling_reproduces(tiny64):
     llm = LLM(tiny64, block_size=4, num_kv_blocks=32, max_model_len=128)
     a = llm.generate([[1, 2, 3]], p, use_tqdm=False)[0].token_ids
     b = llm.generate([[1, 2, 3], [4, 5]], p, use_tqdm=False)[0].token_ids
-    assert a == b
+    llm = LLM(tiny64, block_size=4, num_kv_blocks=32, max_model_len=128, async_scheduling=True)
+    c = llm.generate([[4, 5], [1, 2, 3]], p, use_tqdm=False)[1].token_ids
+    assert a == b == c
 
 
-def test_abort_frees_blocks(tiny64):
-    llm = LLM(tiny64, block_size=4, num_kv_blocks=32, max_model_len=128)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_abort_frees_blocks(tiny64, async_scheduling):
+    llm = LLM(tiny64, block_size=4, num_kv_blocks=32, max_model_len=128, async_scheduling=async_scheduling)
     llm.add_request("x", list(range(3, 20)), SamplingParams(max_tokens=50, ignore_eos=True))
+    llm.add_request("y", list(range(3, 9)), SamplingParams(max_tokens=5, ignore_eos=True))
+    llm.step()
     llm.step()
     assert llm.block_manager.num_free_blocks < 32
-    llm.abort("x")
+    llm.abort("x")  # with async scheduling, while a step holding its next token is still out
+    y = [o for _ in range(8) for o in llm.step() if o.finished]
+    assert [o.request_id for o in y] == ["y"] and len(y[0].token_ids) == 5
+    assert_pool_full(llm)
+
+
+def test_async_scheduling_launches_before_collecting(tiny64):
+    """Each step() launches a step and collects the one before: the newest token is a placeholder until then, and
+    the decode that follows it is launched with the placeholder (its input filled in on the device)."""
+    from engines.ours.sequence import PLACEHOLDER
+    llm = LLM(tiny64, block_size=4, num_kv_blocks=32, max_model_len=128, async_scheduling=True)
+    seq = llm.add_request("a", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert llm.step() == [] and seq.token_ids == [5, 6, 7, PLACEHOLDER]
+    first = llm.step()  # launched the second token's step, then collected the first token
+    assert [o.token_ids for o in first] == [seq.token_ids[3:4]] and seq.token_ids[4] == PLACEHOLDER
+    assert seq.num_computed_tokens == 4
+    outs = [o for _ in range(4) for o in llm.step()]
+    assert outs[-1].finished and outs[-1].token_ids == seq.output_token_ids and PLACEHOLDER not in seq.token_ids
+    assert outs[-1].token_ids == reference(tiny64, [[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0]
     assert_pool_full(llm)
 
 
@@ -184,12 +214,15 @@ def test_user_errors(tiny64):
         llm.add_request(None, [])
 
 
-def test_decode_graph_buffers_equal_plain_generation(tiny64):
-    """The CUDA-graph path's static buffers and padding rows, run eagerly on CPU: same greedy tokens."""
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_decode_graph_buffers_equal_plain_generation(tiny64, async_scheduling):
+    """The CUDA-graph path's static buffers and padding rows, run eagerly on CPU: same greedy tokens (with async
+    scheduling, the previous step's tokens are written into the static input buffer on the device)."""
     from engines.ours.model_runner import ModelRunner
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     prompts = random_prompts(7, seed=4, hi=30)
-    llm = LLM(tiny64, block_size=4, num_kv_blocks=96, max_model_len=64, max_num_seqs=5)
+    llm = LLM(tiny64, block_size=4, num_kv_blocks=96, max_model_len=64, max_num_seqs=5,
+              async_scheduling=async_scheduling)
     llm.runner = ModelRunner(tiny64.model, 96, 4, 64, 5, cuda_graph=True)
     graphs = llm.runner.graphs
     assert graphs.sizes == [1, 2, 4, 5]

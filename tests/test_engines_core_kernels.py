@@ -44,11 +44,12 @@ def check_kernel(heads: int, kv_heads: int, head_dim: int, block_size: int, dev:
         torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
-def check_engine_with_triton() -> None:
+def check_engine_with_triton(async_scheduling: bool) -> None:
     """The whole GPU path inside the engine, replayed eagerly: decode-only steps through the decode graphs' buffers
     (split-K kernel, padding rows), every other step through the mixed graphs' buffers (unified kernel, padded
     tokens and tiles), with chunked prefills (a small token budget) and prefix-cache hits (shared prompt heads),
-    staggered arrivals: same greedy tokens as the plain decode loop (tiny model, float64)."""
+    staggered arrivals: same greedy tokens as the plain decode loop (tiny model, float64), with and without async
+    scheduling (then decodes take their input token from the previous step's output, in the static buffers)."""
     from core.generate import generate
     from core.loading import load_model
     from engines.ours.model_runner import ModelRunner
@@ -57,7 +58,8 @@ def check_engine_with_triton() -> None:
     shared = [rng.randrange(3, 49152) for _ in range(9)]
     prompts = [shared * (i % 2) + [rng.randrange(3, 49152) for _ in range(rng.randint(3, 30))] for i in range(7)]
     params = SamplingParams(max_tokens=10, ignore_eos=True)
-    llm = LLM(lm, block_size=4, num_kv_blocks=96, max_model_len=64, max_num_seqs=5, max_num_batched_tokens=36)
+    llm = LLM(lm, block_size=4, num_kv_blocks=96, max_model_len=64, max_num_seqs=5, max_num_batched_tokens=36,
+              async_scheduling=async_scheduling)
     llm.runner = runner = ModelRunner(lm.model, 96, 4, 64, 5, cuda_graph=True, use_triton=True,
                                       max_num_batched_tokens=36)
     assert runner.mixed_graphs.sizes == [32, 36]
@@ -83,7 +85,8 @@ def test_triton_paged_decode_matches_plain_attention_interpreted():
     before Triton is imported, so the check runs in a fresh process."""
     run_interpreted("from test_engines_core_kernels import check_kernel, check_engine_with_triton, SHAPES\n"
                     "for shape in SHAPES: check_kernel(*shape, 'cpu')\n"
-                    "check_engine_with_triton()\n")
+                    "check_engine_with_triton(False)\n"
+                    "check_engine_with_triton(True)\n")
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ def test_steps_are_split_by_kind_and_count_every_prefill_token(tiny):
     assert {s["kind"] for s in steps} == {"decode only", "with prefill"}
     table = summary(steps)
     assert abs(sum(r["share_of_time"] for r in table.values()) - 1) < 1e-9
-    assert not llm.has_unfinished_requests() and llm.runner.run.__name__ == "run"  # the wrapper is removed
+    assert not llm.has_unfinished_requests() and llm.runner.launch.__name__ == "launch"  # the wrapper is removed
 
 
 def test_warm_up_leaves_an_empty_engine(tiny):

@@ -111,6 +111,16 @@ case "${1:-}" in
     run kernels_7b_int4 200 python -m engines.profile_kernels --model llama2-7b --random-weights --num-seqs 64 \
       --int4 triton --out "$OUT/profile_kernels_7b_int4_triton.json"
     ;;
+  as)  # async scheduling: the engine's GPU tests, then ours on the Llama-2-7B shape with and without it (no kit needed)
+    run gpu_tests_engine 200 python -m pytest -q -p no:cacheprovider -m gpu tests/test_engines_core.py \
+      tests/test_engines_core_kernels.py tests/test_engines_unified_attention.py tests/test_engines_fused.py
+    run engines_ours_7b_async 380 python -m engines.gpu_bench --engines ours-sync,ours --models llama2-7b \
+      --out "$OUT/gpu_bench_ours_7b_async.json"
+    ;;
+  as2)  # where a full 7B batch's decode step goes with async scheduling (wall time outside the profiler too)
+    run kernels_7b_bf16_async 200 python -m engines.profile_kernels --model llama2-7b --random-weights --num-seqs 256 \
+      --out "$OUT/profile_kernels_7b_bf16_async.json"
+    ;;
   a2)  # the paged decode attention kernel alone, over launch configurations
     run attention_bench 400 python -m engines.attention_bench --out "$OUT/attention_bench.json"
     ;;
@@ -232,7 +242,7 @@ case "${1:-}" in
       --heads speculative/heads/smollm2-135m.medusa-token.safetensors.xz --tree fitted:96,fitted:128 \
       --out "$OUT/spec_benchmark_h100_m6.json"
     ;;
-  q)  # our Triton INT8/INT4 matrix-vector kernels beside PyTorch's, Llama-2-7B and Llama-2-70B shapes (no kit needed)
+  q7)  # our Triton INT8/INT4 matrix-vector kernels beside PyTorch's, Llama-2-7B and Llama-2-70B shapes (no kit needed)
     run quant_triton_7b 560 python -m quantization.gpu_bench --model llama2-7b --configs \
       bf16:compile,int8:triton:compile,int4:torch:compile,int4:triton:compile \
       --max-tokens 64 --repeats 3 --out "$OUT/quant_gpu_7b_triton.json"
@@ -242,5 +252,5 @@ case "${1:-}" in
       --configs int4:torch:compile,int4:triton:compile --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_70b_triton.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|d2|e|ev|kv|f|f2|f3|f4|p|g|g2|m|m2|m3|m4|m5|m6|q|q2|u|u2 (see the table at the top)"; exit 2 ;;
+    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|d2|e|ev|kv|f|f2|f3|f4|f5|p|g|g2|k|as|as2|a2|a3|m|m2|m3|m4|m5|m6|q|q7|q2|u|u2 (see the table at the top)"; exit 2 ;;
 esac

@@ -72,11 +72,14 @@ class _StepGraphs:
     def forward(self, size: int) -> torch.Tensor:
         return self.model.hidden_states(self.ids[:, :size], self.positions[:, :size], self.cache)[0]
 
-    def load(self, ids: list[int], positions: list[int], slots: list[int]) -> int:
-        """Copy a step's flat inputs in; reset the padding up to the size that will run; return that size."""
+    def load(self, ids: list[int], positions: list[int], slots: list[int], fill=None) -> int:
+        """Copy a step's flat inputs in; reset the padding up to the size that will run; return that size.
+        fill: (flat indices, token ids), both on the device: inputs that come from the previous step's samples."""
         n = len(ids)
         size = next(s for s in self.sizes if s >= n)
         self.ids[0, :n].copy_(torch.tensor(ids), non_blocking=True)
+        if fill is not None:
+            self.ids[0, fill[0]] = fill[1]
         self.positions[0, :n].copy_(torch.tensor(positions), non_blocking=True)
         self.slots[:n].copy_(torch.tensor(slots), non_blocking=True)
         self.slots[n:size] = self.scratch_slot  # rows a larger step left behind must not write into its blocks
@@ -106,9 +109,10 @@ class DecodeGraphs(_StepGraphs):
             index[:size], self.tables[:size], self.seq_lens[:size])], [], []) for size in self.sizes}
         self.capture(pool)
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+            fill=None) -> torch.Tensor:
         b = len(ids)
-        size = self.load(ids, positions, slots)
+        size = self.load(ids, positions, slots, fill)
         padded = block_table_tensor(tables, self.scratch_block)
         self.tables[:b, :padded.shape[1]].copy_(padded, non_blocking=True)
         self.seq_lens[:b].copy_(torch.tensor(positions, dtype=torch.int32) + 1, non_blocking=True)
@@ -135,11 +139,11 @@ class MixedGraphs(_StepGraphs):
         self.capture(pool)
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-            chunks: list[tuple[int, int, int, int]]) -> torch.Tensor:
+            chunks: list[tuple[int, int, int, int]], fill=None) -> torch.Tensor:
         """chunks: (flat_start, length, first_position, table_row) per sequence, as build_query_tiles takes them."""
         from engines.ours.triton_unified_attention import build_query_tiles
 
-        size = self.load(ids, positions, slots)
+        size = self.load(ids, positions, slots, fill)
         padded = block_table_tensor(tables)
         self.tables[:len(tables), :padded.shape[1]].copy_(padded, non_blocking=True)
         tiles = self.tiles[size]

@@ -9,10 +9,10 @@ from core.errors import UserError
 from core.generate import SamplingParams
 from core.loading import LoadedModel, load_model
 from engines.ours.block_manager import BlockManager
-from engines.ours.model_runner import ModelRunner
+from engines.ours.model_runner import LaunchedStep, ModelRunner
 from engines.ours.outputs import RequestOutput
-from engines.ours.scheduler import Scheduler
-from engines.ours.sequence import Sequence, Status
+from engines.ours.scheduler import ScheduledBatch, Scheduler
+from engines.ours.sequence import PLACEHOLDER, Sequence
 
 GiB = 1 << 30
 
@@ -43,7 +43,8 @@ class LLMEngine:
     first (model_runner.compile_layers; `torch_compile=False` skips it, True forces it anywhere). Each layer's q/k/v
     and gate/up projections run as one matmul each unless `fuse_projections=False` (fused_projections.py).
     `skip_tokenizer_init` (vLLM's name): token-id prompts only and no output text, so random-weight runs need no
-    tokenizer files.
+    tokenizer files. `async_scheduling` (vLLM's name; default on a GPU): schedule and launch each step while the one
+    before it still runs, so the GPU never waits for the host's bookkeeping (see `step`).
     """
 
     def __init__(self, model: str | LoadedModel = "smollm2-135m", device: str = "auto", dtype: str | None = None,
@@ -51,7 +52,8 @@ class LLMEngine:
                  block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory_gb: float | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False, skip_tokenizer_init: bool = False,
-                 torch_compile: bool | None = None, fuse_projections: bool = True):
+                 torch_compile: bool | None = None, fuse_projections: bool = True,
+                 async_scheduling: bool | None = None):
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, random_weights)
         cfg = self.lm.model.config
         self.skip_tokenizer_init = skip_tokenizer_init
@@ -75,6 +77,8 @@ class LLMEngine:
                                   fuse_projections=fuse_projections)
         self.requests: dict[str, Sequence] = {}
         self.eos_ids = set(cfg.eos_ids)
+        self.async_scheduling = self.runner.device.type == "cuda" if async_scheduling is None else async_scheduling
+        self.in_flight: tuple | None = None  # (batch, LaunchedStep, placeholder indices): launched, not collected
 
     @property
     def tokenizer(self):
@@ -127,47 +131,85 @@ class LLMEngine:
         """Drop a request (a client went away): its blocks go back to the pool at once."""
         seq = self.requests.pop(request_id, None)
         if seq is not None and not seq.is_finished:
+            self._drop_placeholders(seq)
             self.scheduler.finish(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward pass, append the sampled tokens. Returns the requests that got a token."""
+        """Schedule and launch one forward pass; append the sampled tokens. Returns the requests that got a token.
+
+        Without async scheduling a step waits for its own tokens. With it, the step launched here is collected by
+        the next call, so the GPU runs step n while the host schedules and prepares step n+1 and then handles step
+        n's tokens (stop checks, outputs, prefix-cache hashes): vLLM V1's async scheduling. It can schedule before
+        it knows the tokens because every count it needs is known: a sequence that sampled in step n decodes one
+        token in step n+1 whatever that token is, so a PLACEHOLDER holds its place and the real token goes into
+        step n+1's input on the device. A sequence that stops on a token of step n has one more token computed in
+        step n+1, which is dropped; one that reaches max_tokens is not scheduled again (awaiting_last_token)."""
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
-        tokens = iter(self.runner.run(batch))
-        now = time.perf_counter()
-        outputs = []
+        launched = self._launch(batch) if batch.seqs else None
+        if not self.async_scheduling:
+            return self._collect(*launched) if launched else []
+        previous, self.in_flight = self.in_flight, launched
+        return self._collect(*previous) if previous else []
+
+    def _launch(self, batch: ScheduledBatch) -> tuple[ScheduledBatch, LaunchedStep, list[int]]:
+        """Queue the batch on the device, then count its tokens as computed and give each sequence that samples a
+        placeholder for its token, so that the next schedule() sees the state this step will leave."""
+        step = self.runner.launch(batch, self.in_flight[1] if self.in_flight else None)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
-            self.block_manager.register_computed_blocks(seq)
-            if seq.num_computed_tokens < seq.num_tokens:
-                continue  # mid-prefill: no token yet
-            token = next(tokens)
-            seq.token_ids.append(token)
+        places = []
+        for seq in step.seqs:
+            places.append(seq.num_tokens)
+            seq.token_ids.append(PLACEHOLDER)
+            seq.awaiting_last_token = self._length_reached(seq, seq.num_tokens)
+        return batch, step, places
+
+    def _collect(self, batch: ScheduledBatch, step: LaunchedStep, places: list[int]) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and put them in place of their placeholders; finish what stops."""
+        tokens = step.tokens()
+        now = time.perf_counter()
+        for seq, token, i in zip(step.seqs, tokens, places):
+            if not seq.is_finished:  # else it was aborted, or stopped by its token of an earlier step
+                seq.token_ids[i] = token
+        for seq in batch.seqs:  # after the tokens are in: the hashes cover them
+            if not seq.is_finished:
+                self.block_manager.register_computed_blocks(seq)
+        outputs = []
+        for seq, token, i in zip(step.seqs, tokens, places):
+            if seq.is_finished:
+                continue
             if seq.metrics.first_token_time is None:
                 seq.metrics.first_token_time = now
             seq.metrics.token_times.append(now)
-            reason = self._finish_reason(seq, token)
+            reason = self._finish_reason(seq, token, i + 1)
             if reason:
+                self._drop_placeholders(seq)
                 self.scheduler.finish(seq, reason)
                 seq.metrics.finished_time = now
                 self.requests.pop(seq.request_id, None)
-            outputs.append(self.output(seq))
+            outputs.append(self.output(seq, i + 1))
         return outputs
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+    @staticmethod
+    def _drop_placeholders(seq: Sequence) -> None:
+        if PLACEHOLDER in seq.token_ids[seq.num_prompt_tokens:]:
+            del seq.token_ids[seq.token_ids.index(PLACEHOLDER, seq.num_prompt_tokens):]
+
+    def _length_reached(self, seq: Sequence, num_tokens: int) -> bool:
+        return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens or num_tokens >= self.max_model_len
+
+    def _finish_reason(self, seq: Sequence, token: int, num_tokens: int) -> str | None:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             return "stop"
-        if len(seq.token_ids) - seq.num_prompt_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+        return "length" if self._length_reached(seq, num_tokens) else None
 
-    def output(self, seq: Sequence) -> RequestOutput:
-        out = seq.output_token_ids
+    def output(self, seq: Sequence, num_tokens: int | None = None) -> RequestOutput:
+        """The request's state with its first `num_tokens` tokens (default all): later ones may be placeholders."""
+        out = seq.token_ids[seq.num_prompt_tokens:num_tokens]
         done = seq.is_finished and not self.skip_tokenizer_init
         text = self.tokenizer.decode(out, skip_special_tokens=True) if done else ""
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, out, text, seq.is_finished,

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
 from core.generate import sample
 from core.model import Transformer
-from engines.ours import fused_projections
+from engines.ours import cpu_linear, fused_projections
 from engines.ours.cuda_graphs import DecodeGraphs, MixedGraphs
 from engines.ours.paged_cache import (AttentionMetadata, CachedPrefillGroup, DecodeGroup, FreshPrefillGroup,
                                       PagedKVCache, UnifiedGroup, block_table_tensor, cached_prefill_mask)
 from engines.ours.scheduler import ScheduledBatch
+from engines.ours.sequence import PLACEHOLDER, Sequence
 
 
 def compile_layers(model: Transformer) -> None:
@@ -37,20 +40,30 @@ def compile_layers(model: Transformer) -> None:
 
 
 def packed_lm_head(model: Transformer) -> torch.nn.Module:
-    """On a CPU, the LM head with its weight prepacked for oneDNN (what vLLM's CPU build does for its GEMMs).
+    """On a CPU, the LM head with its weight prepacked for oneDNN (cpu_linear.py), as the served layers' projections.
 
-    A decode step multiplies a few dozen rows by the 49k x 576 LM head of SmolLM2; on the 2-core development VM
-    PyTorch's default CPU GEMM took 20-30 ms for 32 rows, oneDNN with the weight reordered once 8-11 ms (the other
-    layers' shapes gained little, so only the head is packed). In the engine, 32 sequences x 48 new tokens: 173-183
-    -> 189 output tokens/s, a few percent, since the head is one matmul of many. A copy (113 MB for SmolLM2 in
-    float32): the model, whose embedding shares the weight, stays as it is. float32/bfloat16 only."""
-    head = model.lm_head
-    if head.weight.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
-        return head
-    from torch.utils import mkldnn
-    plain = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=head.weight.dtype)
-    plain.load_state_dict(head.state_dict())
-    return mkldnn.to_mkldnn(plain.eval(), head.weight.dtype)
+    A decode step multiplies a few dozen rows by the 49k x 576 LM head of SmolLM2: on the 2-core development VM
+    16 ms for 32 rows through PyTorch's default CPU GEMM, 5 ms through oneDNN. A packed copy (113 MB for SmolLM2 in
+    float32): the model, whose embedding shares the weight, stays as it is."""
+    return cpu_linear.packed(model.lm_head)
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward pass and sampling are queued on the device; its tokens come back with `tokens()`.
+
+    seqs: the sequences that sample in this step, one token each, in row order of `sampled` (int64, on the device).
+    `host` is its copy in pinned memory and `done` the event after that copy: on a GPU, waiting for the tokens waits
+    for this step alone, and the host is free to prepare the next step until then."""
+    seqs: list[Sequence]
+    sampled: torch.Tensor
+    host: torch.Tensor
+    done: torch.cuda.Event | None = None
+
+    def tokens(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
 
 
 class ModelRunner:
@@ -81,6 +94,8 @@ class ModelRunner:
         use_graphs = on_cuda if cuda_graph is None else cuda_graph
         if (use_graphs and on_cuda) if torch_compile is None else torch_compile:
             compile_layers(model)
+        elif self.device.type == "cpu" and isinstance(model, fused_projections.FusedTransformer):
+            cpu_linear.pack_layers(model)  # a serving copy only (inductor cannot compile the packed weights)
         self.lm_head = packed_lm_head(model) if self.device.type == "cpu" else model.lm_head
         self.graphs = self.mixed_graphs = None
         if use_graphs:
@@ -95,8 +110,9 @@ class ModelRunner:
     @staticmethod
     def flatten(batch: ScheduledBatch, block_size: int):
         """The step's tokens as flat lists: ids, positions, pool slots; per sequence its block table and its chunk
-        (flat_start, length, first_position, row); and the flat index of each token to sample after."""
-        ids, positions, slots, tables, chunks, sample_index = [], [], [], [], [], []
+        (flat_start, length, first_position, row); the flat index of each token to sample after; and the
+        sequences whose last token is a PLACEHOLDER (sampled by the step still running), with its flat index."""
+        ids, positions, slots, tables, chunks, sample_index, pending = [], [], [], [], [], [], []
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start, table = seq.num_computed_tokens, seq.block_table
             chunks.append((len(ids), n, start, row))
@@ -106,7 +122,9 @@ class ModelRunner:
             slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
             if start + n == seq.num_tokens:  # the chunk reaches the last known token: sample the next one
                 sample_index.append(len(ids) - 1)
-        return ids, positions, slots, tables, chunks, sample_index
+            if ids[-1] == PLACEHOLDER:  # only ever a sequence's last token, so only ever the last of its chunk
+                pending.append((len(ids) - 1, seq))
+        return ids, positions, slots, tables, chunks, sample_index, pending
 
     def prepare(self, ids, positions, slots, tables, chunks) -> tuple[torch.Tensor, torch.Tensor]:
         """Eager steps: flat ids [N] and positions [N] on the device, and the cache's metadata. With Triton, one
@@ -146,28 +164,54 @@ class ModelRunner:
         self.cache.metadata = AttentionMetadata(slot_mapping, decode, fresh, cached)
         return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev)
 
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int]:
         """Run the batch; return one new token per sequence whose prompt is now fully computed, in batch order."""
+        return self.launch(batch).tokens()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue the batch's forward pass and sampling on the device without waiting for them.
+
+        `previous`: the step still running, whose sampled tokens some of this batch's sequences decode next (their
+        last token is a PLACEHOLDER): those inputs are copied from its token tensor on the device, in stream order
+        after it, so the host never waits for them."""
         sampling = [s for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed_tokens + n == s.num_tokens]
-        ids, positions, slots, tables, chunks, sample_index = self.flatten(batch, self.block_size)
+        ids, positions, slots, tables, chunks, sample_index, pending = self.flatten(batch, self.block_size)
+        fill = None
+        if pending:
+            row_of = {id(seq): row for row, seq in enumerate(previous.seqs)} if previous else {}
+            if any(id(seq) not in row_of for _, seq in pending):
+                raise RuntimeError("a sequence's input token is a placeholder that no running step will fill")
+            rows = torch.tensor([row_of[id(seq)] for _, seq in pending], device=self.device)
+            fill = (torch.tensor([i for i, _ in pending], device=self.device), previous.sampled[rows])
         if self.graphs and len(ids) == len(tables) and len(ids) <= self.graphs.max_size:  # decodes only
-            hidden = self.graphs.run(ids, positions, slots, tables)
+            hidden = self.graphs.run(ids, positions, slots, tables, fill)
         elif self.mixed_graphs and len(ids) <= self.mixed_graphs.max_size:
-            hidden = self.mixed_graphs.run(ids, positions, slots, tables, chunks)
+            hidden = self.mixed_graphs.run(ids, positions, slots, tables, chunks, fill)
         else:
             flat_ids, flat_positions = self.prepare(ids, positions, slots, tables, chunks)
+            if fill is not None:
+                flat_ids[fill[0]] = fill[1]
             hidden = self.model.hidden_states(flat_ids[None], flat_positions[None], self.cache)[0]
-        if not sample_index:
-            return []
-        if len(sample_index) < hidden.shape[0]:
-            hidden = hidden[torch.tensor(sample_index, device=self.device)]
-        return self.sample(self.lm_head(hidden), sampling)
+        if not sampling:
+            sampled = torch.empty(0, dtype=torch.long, device=self.device)
+        else:
+            if len(sample_index) < hidden.shape[0]:
+                hidden = hidden[torch.tensor(sample_index, device=self.device)]
+            sampled = self.sample(self.lm_head(hidden), sampling)
+        if self.device.type != "cuda":
+            return LaunchedStep(sampling, sampled, sampled)
+        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+        host.copy_(sampled, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return LaunchedStep(sampling, sampled, host, done)
 
-    def sample(self, logits: torch.Tensor, seqs: list) -> list[int]:
-        """Greedy rows in one argmax; sampled rows one by one with each request's own seeded generator."""
-        tokens = logits.argmax(dim=-1).tolist()
+    def sample(self, logits: torch.Tensor, seqs: list) -> torch.Tensor:
+        """Token ids [rows] on the device: greedy rows in one argmax; sampled rows one by one with each request's
+        own seeded generator (on the device too: nothing here waits for the GPU)."""
+        tokens = logits.argmax(dim=-1)
         for i, seq in enumerate(seqs):
             if seq.params.temperature > 0:
-                tokens[i] = int(sample(logits[i:i + 1], seq.params, seq.generator)[0])
+                tokens[i] = sample(logits[i:i + 1], seq.params, seq.generator)[0]
         return tokens

@@ -5,8 +5,9 @@ step's tokens from every scheduled sequence into one row ([1, N]) and tells the 
 where each new token goes (`slot_mapping`) and which blocks each sequence reads (its block table). `attend` writes
 the new keys/values into their slots, then computes attention in three kinds of group:
 - decodes (one query per sequence): on a GPU the Triton kernel reads the pool through the block tables, all
-  sequences in one call; elsewhere (the reference path) each sequence's blocks are gathered into a padded
-  [B, Hkv, S, D] view, sequences of similar length together;
+  sequences in one call, and on a CPU a C++ kernel does the same (cpu_attention.py); the reference path (and the
+  fallback where that kernel cannot be built) gathers each sequence's blocks into a padded [B, Hkv, S, D] view,
+  sequences of similar length together;
 - fresh prefills (a chunk starting at position 0, nothing cached before it): plain causal attention over the chunk's
   own keys, no pool reads at all; chunks of equal length share one call;
 - continued prefills (a later chunk, or a prompt whose head came from the prefix cache): gather + masked attention.
@@ -84,15 +85,20 @@ class PagedKVCache(KVCache):
     """K/V pools shared by all sequences; which slots belong to whom is the block manager's business.
 
     use_triton: decode attention through the Triton kernel (GPU) instead of gather + SDPA (the reference path).
+    cpu_kernel: on a CPU, decode attention through the C++ kernel of cpu_attention.py (default: where it builds).
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, use_triton: bool = False):
+                 dtype: torch.dtype, device: torch.device, use_triton: bool = False, cpu_kernel: bool | None = None):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
         self.use_triton = use_triton
+        self.decode_kernel = None  # None: the reference path (gather + SDPA)
+        if not use_triton and torch.device(device).type == "cpu" and cpu_kernel is not False:
+            from engines.ours import cpu_attention
+            self.decode_kernel = cpu_attention.load()
         if use_triton:  # imported only here: CPU-only installs need not have Triton
             from engines.ours.triton_attention import paged_decode_attention
             from engines.ours.triton_unified_attention import unified_paged_attention
@@ -122,7 +128,7 @@ class PagedKVCache(KVCache):
         gqa = q.shape[1] != hkv
         for g in meta.decode:
             qg = q_flat[g.token_index]  # [B, H, D]
-            if self.use_triton:
+            if self.decode_kernel is not None:  # Triton on a GPU, C++ on a CPU: reads the pool in place
                 out[g.token_index] = self.decode_kernel(qg, k_pool, v_pool, g.block_tables, g.seq_lens)
             else:
                 b = qg.shape[0]

@@ -55,6 +55,8 @@ class Scheduler:
         queue = list(self.running)
         while queue and budget > 0:
             seq = queue.pop(0)
+            if seq.awaiting_last_token:
+                continue  # done once its last token arrives (async scheduling): nothing more to run
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.ensure_slots(seq, seq.num_computed_tokens + n):
                 # Out of blocks: preempt the newest running sequence (possibly this one) and retry.

@@ -30,6 +30,11 @@ class RequestMetrics:
 
 _ids = itertools.count()
 
+# A sampled token still on its way from the GPU (async scheduling, llm_engine.py). It holds the token's place in
+# `token_ids`, so every count (num_tokens, blocks needed, what to run next) is already right; an embedding of -1 fails
+# loudly if one ever reached the model instead of being replaced by the real token on the device.
+PLACEHOLDER = -1
+
 
 class Sequence:
     """Prompt plus generated tokens. `num_computed_tokens` of them already have K/V in the paged cache.
@@ -51,6 +56,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0  # full blocks already registered in the prefix cache
         self.finish_reason: str | None = None
+        self.awaiting_last_token = False  # its final token (max_tokens or max_model_len) is on its way: run no more
         self.metrics = RequestMetrics(arrival_time if arrival_time is not None else time.perf_counter())
 
     @property
