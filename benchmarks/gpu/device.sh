@@ -124,6 +124,10 @@ case "${1:-}" in
   a2)  # the paged decode attention kernel alone, over launch configurations
     run attention_bench 400 python -m engines.attention_bench --out "$OUT/attention_bench.json"
     ;;
+  a4)  # the decode attention kernel's launch sweep again on another GPU (the defaults came from the H100's)
+    run attention_bench_7b 300 python -m engines.attention_bench --cases llama2-7b:256:256,llama2-7b:256:512,llama2-7b:64:256 \
+      --tiles 16,32,64 --warps 2,4,8 --stages 1,2,3 --out "$OUT/attention_bench_7b.json"
+    ;;
   a3)  # the same, split-K over the sequence (flash-decoding) at every batch size, for both head layouts
     run attention_splits 300 python -m engines.attention_bench --cases \
       smollm2-135m:256:256,smollm2-135m:128:512,smollm2-135m:32:512,llama2-7b:256:256,llama2-7b:64:256 \
@@ -252,5 +256,5 @@ case "${1:-}" in
       --configs int4:torch:compile,int4:triton:compile --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_70b_triton.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|d2|e|ev|kv|f|f2|f3|f4|f5|p|g|g2|k|as|as2|a2|a3|m|m2|m3|m4|m5|m6|q|q7|q2|u|u2 (see the table at the top)"; exit 2 ;;
+    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|d2|e|ev|kv|f|f2|f3|f4|f5|p|g|g2|k|as|as2|a2|a3|a4|m|m2|m3|m4|m5|m6|q|q7|q2|u|u2 (see the table at the top)"; exit 2 ;;
 esac

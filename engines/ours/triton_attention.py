@@ -118,10 +118,13 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     group = h // hkv
     group_pad = triton.next_power_of_2(group)
     splits = num_splits or num_splits_for(b, hkv, q.device)
-    # Keys per loop step and warps, measured on an H100 (engines/attention_bench.py, results/h100/attention_bench.json
-    # and attention_splits.json): 32 keys on 2 warps, for the 7B shape 2.8 TB/s where 64 keys on 4 warps read 1.9;
-    # fewer keys when several query heads share a KV head, so that the [GROUP_PAD, TILE, D] product stays in registers.
-    tile = tile or max(16, min(32, triton.next_power_of_2(max(8192 // (group_pad * d), 1))))
+    # Keys per loop step and warps, measured (engines/attention_bench.py): on an H100, 32 keys on 2 warps read 2.8 TB/s
+    # for the 7B shape where 64 keys on 4 warps read 1.9 (results/h100/attention_bench.json; 16 was not tried); on an
+    # H200, 16 keys read 5% more than 32 for that shape (results/h200/attention_bench_7b.json), so one query head per
+    # KV head takes 16. Several query heads per KV head take up to 32 keys, so that the [GROUP_PAD, TILE, D] product
+    # stays in registers.
+    if tile is None:
+        tile = 16 if group_pad == 1 else max(16, min(32, triton.next_power_of_2(max(8192 // (group_pad * d), 1))))
     launch.setdefault("num_warps", 2)
     q = q.contiguous()
     out = torch.empty_like(q)
