@@ -188,6 +188,39 @@ def test_abort_frees_blocks(tiny64, async_scheduling):
     assert_pool_full(llm)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_logprobs_are_the_models_log_softmax(tiny64, async_scheduling):
+    """Each output token's log-probability and the top 3, against log_softmax of the plain model's logits at that
+    position; for sampled requests too (raw distribution, before temperature); none for requests that did not ask."""
+    llm = LLM(tiny64, block_size=4, num_kv_blocks=64, max_model_len=64, async_scheduling=async_scheduling)
+    prompts = random_prompts(3, seed=5, hi=12)
+    asked = [SamplingParams(max_tokens=6, ignore_eos=True, logprobs=3),
+             SamplingParams(max_tokens=6, ignore_eos=True, temperature=1.0, seed=1, logprobs=0), None]
+    seqs = [llm.add_request(None, p, params or SamplingParams(max_tokens=6, ignore_eos=True))
+            for p, params in zip(prompts, asked)]
+    outs = {}
+    while llm.has_unfinished_requests():
+        outs.update((o.request_id, o) for o in llm.step() if o.finished)
+    for seq, params in zip(seqs, asked):
+        out = outs[seq.request_id]
+        if params is None:
+            assert out.logprobs is None
+            continue
+        assert len(out.logprobs) == len(out.token_ids) == 6
+        ids = out.prompt_token_ids + out.token_ids
+        with torch.no_grad():
+            logits = tiny64.model(torch.tensor([ids]))[0]
+        want = torch.log_softmax(logits.double(), -1)[len(out.prompt_token_ids) - 1:-1]
+        for row, token, (chosen, top) in zip(want, out.token_ids, out.logprobs):
+            assert chosen == pytest.approx(row[token].item(), abs=1e-6)
+            values, indices = row.topk(params.logprobs)
+            assert [t for t, _ in top] == indices.tolist()
+            assert [lp for _, lp in top] == pytest.approx(values.tolist(), abs=1e-6)
+    with pytest.raises(UserError, match="logprobs"):
+        llm.add_request(None, [1, 2], SamplingParams(logprobs=21))
+    assert_pool_full(llm)
+
+
 def test_async_scheduling_launches_before_collecting(tiny64):
     """Each step() launches a step and collects the one before: the newest token is a placeholder until then, and
     the decode that follows it is launched with the placeholder (its input filled in on the device)."""

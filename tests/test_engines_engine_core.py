@@ -61,6 +61,18 @@ def test_openai_client_gets_greedy_text(server, smollm):
     assert scrape(url)["llmip:request_success_total"] == 5
 
 
+def test_logprobs_cross_the_pipe(server):
+    """Each step's new logprobs travel with its new tokens; the stream's pieces add up to the whole answer's."""
+    _, _, client = server
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1)
+    lp = whole.choices[0].logprobs
+    assert len(lp.token_logprobs) == 8 and all(top[t] == c for t, c, top in zip(lp.tokens, lp.token_logprobs,
+                                                                                   lp.top_logprobs))
+    chunks = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1,
+                                       stream=True)
+    assert [x for c in chunks for x in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+
+
 def test_disconnect_frees_blocks_in_the_engine_process(server):
     _, url, _ = server
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True}

@@ -98,6 +98,42 @@ def test_chat_matches_core_generate(server, smollm):
     assert "".join(c.choices[0].delta.content or "" for c in stream) == want
 
 
+def test_logprobs_in_both_formats(server, smollm):
+    """Completions: parallel lists; chat: one entry per token. Greedy, so each chosen token is its position's most
+    likely one; streamed chunks together carry the same logprobs as the whole answer; the engine's own figures (held
+    to the model's log_softmax in test_engines_core) come through unchanged."""
+    r = server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    assert "".join(lp.tokens) == r.choices[0].text
+    for token, chosen, top, offset in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset):
+        assert len(top) == 2 and chosen <= 0 and top[token] == chosen == max(top.values())
+        assert r.choices[0].text[offset:].startswith(token)
+    offline = LLMEngine(smollm, max_num_seqs=2, max_model_len=MAX_MODEL_LEN, num_kv_blocks=64)
+    seq = offline.add_request(None, PROMPT, SamplingParams(max_tokens=8, logprobs=2))
+    while offline.has_unfinished_requests():
+        offline.step()
+    assert lp.token_logprobs == pytest.approx([chosen for chosen, _ in seq.logprobs], abs=1e-5)
+    chunks = list(server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0,
+                                                   logprobs=2, stream=True))
+    assert [x for c in chunks for x in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    r = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                              logprobs=True, top_logprobs=3)  # 6: before the end-of-turn token
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and "".join(e.token for e in content) == \
+        r.choices[0].message.content
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert e.top_logprobs[0].logprob == e.logprob and bytes(e.bytes).decode() == e.token
+    plain = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, top_logprobs=2)
+    wait_pool_full(server.engine)
+
+
 def test_concurrent_requests_each_match(server, smollm):
     """Requests in flight together share engine steps (continuous batching) and still get their own answer."""
     prompts = ["Once upon a time", "def fibonacci(n):", "The three primary colors are", "Water boils at"]
@@ -155,6 +191,7 @@ def test_non_streaming_disconnect_frees_blocks(server):
     (b'{"model": "gpt-4", "prompt": "hi"}', "does not exist"),
     (b'{"prompt": "hi", "max_tokens": 0}', "at least 1"),
     (b'{"prompt": "hi", "n": 2}', "n=1"),
+    (b'{"prompt": "hi", "logprobs": 21}', "logprobs"),
     (b'{"max_tokens": 5}', "prompt"),
     (b'{"prompt": [1, 2, 99999999]}', "token ids"),
 ])

@@ -16,7 +16,11 @@ None and the cache keeps the reference path.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
+from pathlib import Path
+
+NAME = "llmip_cpu_paged_attention"
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -119,10 +123,12 @@ def load():
     """The compiled kernel's `paged_decode_attention(q, k_pool, v_pool, block_tables, seq_lens)`, or None where it
     cannot be built here."""
     try:
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import _get_build_directory, load_inline
+        if not any(Path(_get_build_directory(NAME, False)).glob("*.so")):  # a silent half minute otherwise
+            print("compiling the CPU paged-attention kernel (once; about 30 s on 2 cores)", file=sys.stderr, flush=True)
         # -march=native: this machine's vector width (AVX-512 where there is one); -ffast-math: the softmax's exp
         # vectorised too (the kernel never meets an infinity or NaN of its own making).
-        module = load_inline("llmip_cpu_paged_attention", SOURCE, functions=["paged_decode_attention"],
+        module = load_inline(NAME, SOURCE, functions=["paged_decode_attention"],
                              extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no ninja, an unsupported platform: the reference path still works
         warnings.warn(f"CPU paged attention kernel unavailable ({type(e).__name__}: {e}); using gather + SDPA")

@@ -42,6 +42,7 @@ class _Stream:
     def __init__(self, prompt: list[int], loop: asyncio.AbstractEventLoop):
         self.prompt, self.loop, self.queue = prompt, loop, asyncio.Queue()
         self.token_ids: list[int] = []
+        self.logprobs: list | None = None  # as RequestOutput.logprobs, when the request asked for them
         self.metrics = RequestMetrics(time.perf_counter())  # perf_counter is system-wide: the child's stamps match
 
 
@@ -132,13 +133,16 @@ class ProcessLLMEngine:
             if message[0] == "step":
                 _, results, stats = message
                 outputs = []
-                for request_id, new_tokens, reason, text, metrics in results:
+                for request_id, new_tokens, new_logprobs, reason, text, metrics in results:
                     stream = self._streams.get(request_id)
                     if stream is None:
                         continue  # aborted meanwhile
                     stream.token_ids.extend(new_tokens)
+                    if new_logprobs is not None:
+                        stream.logprobs = (stream.logprobs or []) + new_logprobs
                     out = RequestOutput(request_id, None, stream.prompt, list(stream.token_ids), text or "",
-                                        reason is not None, reason, metrics or stream.metrics)
+                                        reason is not None, reason, metrics or stream.metrics,
+                                        None if stream.logprobs is None else list(stream.logprobs))
                     if out.finished:
                         self._streams.pop(request_id, None)
                     put_threadsafe(stream.loop, stream.queue, out)
@@ -207,12 +211,14 @@ def run_engine_core(engine_kwargs: dict, commands: Connection, outputs: Connecti
             results = []
             for out in step:
                 new_tokens = out.token_ids[sent[out.request_id]:]
+                new_logprobs = None if out.logprobs is None else out.logprobs[sent[out.request_id]:]
                 if out.finished:
                     del sent[out.request_id]
-                    results.append((out.request_id, new_tokens, out.finish_reason, out.text, out.metrics))
+                    results.append((out.request_id, new_tokens, new_logprobs, out.finish_reason, out.text,
+                                    out.metrics))
                 else:
                     sent[out.request_id] = len(out.token_ids)
-                    results.append((out.request_id, new_tokens, None, None, None))
+                    results.append((out.request_id, new_tokens, new_logprobs, None, None, None))
             outputs.send(("step", results, engine.stats()))
     except (EOFError, OSError):
         return  # the server process is gone

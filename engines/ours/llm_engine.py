@@ -15,6 +15,7 @@ from engines.ours.scheduler import ScheduledBatch, Scheduler
 from engines.ours.sequence import PLACEHOLDER, Sequence
 
 GiB = 1 << 30
+MAX_LOGPROBS = 20  # most likely tokens a request may ask log-probabilities of, per output token (vLLM's default)
 
 
 def kv_cache_blocks(lm: LoadedModel, block_size: int, num_kv_blocks: int | None, kv_cache_memory_gb: float | None,
@@ -103,6 +104,8 @@ class LLMEngine:
             raise UserError(f"prompt of {len(ids)} tokens is longer than max_model_len {self.max_model_len}")
         if params.max_tokens < 1:
             raise UserError("max_tokens must be at least 1")
+        if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
+            raise UserError(f"logprobs must be between 0 and {MAX_LOGPROBS}")
         if request_id is not None and request_id in self.requests:
             raise UserError(f"request id {request_id!r} is already in use")
         seq = Sequence(ids, params, request_id, arrival_time, text)
@@ -171,9 +174,11 @@ class LLMEngine:
         """Wait for a launched step's tokens and put them in place of their placeholders; finish what stops."""
         tokens = step.tokens()
         now = time.perf_counter()
-        for seq, token, i in zip(step.seqs, tokens, places):
+        for seq, token, i, logprobs in zip(step.seqs, tokens, places, step.token_logprobs()):
             if not seq.is_finished:  # else it was aborted, or stopped by its token of an earlier step
                 seq.token_ids[i] = token
+                if logprobs is not None:
+                    seq.logprobs.append(logprobs)
         for seq in batch.seqs:  # after the tokens are in: the hashes cover them
             if not seq.is_finished:
                 self.block_manager.register_computed_blocks(seq)
@@ -212,8 +217,9 @@ class LLMEngine:
         out = seq.token_ids[seq.num_prompt_tokens:num_tokens]
         done = seq.is_finished and not self.skip_tokenizer_init
         text = self.tokenizer.decode(out, skip_special_tokens=True) if done else ""
+        logprobs = None if seq.logprobs is None else seq.logprobs[:len(out)]
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, out, text, seq.is_finished,
-                             seq.finish_reason, seq.metrics)
+                             seq.finish_reason, seq.metrics, logprobs)
 
     def stats(self) -> dict:
         """Gauges for /metrics and for the teaching scripts."""

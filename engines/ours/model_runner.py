@@ -15,9 +15,9 @@ out of the compiled code (see PagedKVCache.attend) so that one compiled layer se
 """
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
+
+import torch
 
 from core.generate import sample
 from core.model import Transformer
@@ -54,16 +54,27 @@ class LaunchedStep:
 
     seqs: the sequences that sample in this step, one token each, in row order of `sampled` (int64, on the device).
     `host` is its copy in pinned memory and `done` the event after that copy: on a GPU, waiting for the tokens waits
-    for this step alone, and the host is free to prepare the next step until then."""
+    for this step alone, and the host is free to prepare the next step until then. `logprobs`, when a sequence asked
+    for them: (chosen token's log-probability [rows], top log-probabilities [rows, k], their token ids [rows, k]),
+    on the device, read after the tokens."""
     seqs: list[Sequence]
     sampled: torch.Tensor
     host: torch.Tensor
     done: torch.cuda.Event | None = None
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def tokens(self) -> list[int]:
         if self.done is not None:
             self.done.synchronize()
         return self.host.tolist()
+
+    def token_logprobs(self) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        """Per row, what Sequence.logprobs records for its token (None for rows that did not ask); after tokens()."""
+        if self.logprobs is None:
+            return [None] * len(self.seqs)
+        chosen, top_values, top_ids = (t.tolist() for t in self.logprobs)
+        return [(chosen[i], list(zip(top_ids[i][:seq.params.logprobs], top_values[i][:seq.params.logprobs])))
+                if seq.params.logprobs is not None else None for i, seq in enumerate(self.seqs)]
 
 
 class ModelRunner:
@@ -193,19 +204,31 @@ class ModelRunner:
             if fill is not None:
                 flat_ids[fill[0]] = fill[1]
             hidden = self.model.hidden_states(flat_ids[None], flat_positions[None], self.cache)[0]
-        if not sampling:
-            sampled = torch.empty(0, dtype=torch.long, device=self.device)
-        else:
+        sampled, logprobs = torch.empty(0, dtype=torch.long, device=self.device), None
+        if sampling:
             if len(sample_index) < hidden.shape[0]:
                 hidden = hidden[torch.tensor(sample_index, device=self.device)]
-            sampled = self.sample(self.lm_head(hidden), sampling)
+            logits = self.lm_head(hidden)
+            sampled = self.sample(logits, sampling)
+            if any(s.params.logprobs is not None for s in sampling):
+                logprobs = self.logprobs(logits, sampled, sampling)
         if self.device.type != "cuda":
-            return LaunchedStep(sampling, sampled, sampled)
+            return LaunchedStep(sampling, sampled, sampled, logprobs=logprobs)
         host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
         host.copy_(sampled, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return LaunchedStep(sampling, sampled, host, done)
+        return LaunchedStep(sampling, sampled, host, done, logprobs)
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, sampled: torch.Tensor, seqs: list[Sequence]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probabilities of the raw model distribution (before temperature, top-k, top-p; as vLLM returns them):
+        of each row's chosen token, and the largest k of each row, k the most any sequence asked for."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        k = max(s.params.logprobs or 0 for s in seqs)
+        top = lp.topk(k, dim=-1)
+        return lp.gather(1, sampled[:, None])[:, 0], top.values, top.indices
 
     def sample(self, logits: torch.Tensor, seqs: list) -> torch.Tensor:
         """Token ids [rows] on the device: greedy rows in one argmax; sampled rows one by one with each request's

@@ -56,6 +56,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0  # full blocks already registered in the prefix cache
         self.finish_reason: str | None = None
+        # Per output token (when params.logprobs is set): (its log-probability, [(token id, log-probability)] of the
+        # params.logprobs most likely tokens), from the model's distribution before temperature, top-k and top-p.
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] | None = [] if params.logprobs is not None else None
         self.awaiting_last_token = False  # its final token (max_tokens or max_model_len) is on its way: run no more
         self.metrics = RequestMetrics(arrival_time if arrival_time is not None else time.perf_counter())
 

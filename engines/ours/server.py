@@ -29,6 +29,7 @@ from core.errors import UserError, cli
 from core.generate import SamplingParams
 from engines.ours.async_engine import AsyncLLMEngine
 from engines.ours.engine_core import ProcessLLMEngine
+from engines.ours.llm_engine import MAX_LOGPROBS
 from engines.ours.outputs import RequestOutput
 
 
@@ -55,6 +56,7 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top tokens per position, besides the chosen one
 
 
 class ChatMessage(BaseModel):
@@ -66,6 +68,8 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # None: up to the context length
     max_completion_tokens: int | None = None  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class BadRequest(Exception):
@@ -157,7 +161,8 @@ class OpenAIServing:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    def sampling_params(self, body: SamplingFields, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+    def sampling_params(self, body: SamplingFields, prompt_len: int, max_tokens: int | None,
+                        logprobs: int | None = None) -> SamplingParams:
         if prompt_len == 0:
             raise BadRequest("the prompt is empty")
         room = self.max_model_len - prompt_len
@@ -174,7 +179,31 @@ class OpenAIServing:
                              f"{max_tokens} for the completion).")
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=max(body.top_k, 0),
                               top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos,
-                              stop_token_ids=list(body.stop_token_ids))
+                              stop_token_ids=list(body.stop_token_ids), logprobs=logprobs)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def completion_logprobs(self, out: RequestOutput, start: int, text_offset: int) -> dict:
+        """The legacy completions format for output tokens start.. : parallel lists, top tokens as {text: logprob}.
+        text_offset: where the first of them starts in the completion's text."""
+        tokens, offsets = [], []
+        for token_id in out.token_ids[start:]:
+            offsets.append(text_offset)
+            tokens.append(self.token_text(token_id))
+            text_offset += len(tokens[-1])
+        entries = out.logprobs[start:]
+        return {"tokens": tokens, "token_logprobs": [chosen for chosen, _ in entries],
+                "top_logprobs": [{self.token_text(t): lp for t, lp in top} for _, top in entries],
+                "text_offset": offsets}
+
+    def chat_logprobs(self, out: RequestOutput, start: int) -> dict:
+        """The chat format for output tokens start.. : one entry per token, with its text's UTF-8 bytes."""
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"content": [{**entry(t, chosen), "top_logprobs": [entry(i, lp) for i, lp in top]}
+                            for t, (chosen, top) in zip(out.token_ids[start:], out.logprobs[start:])]}
 
     async def run(self, request_id: str, prompt: list[int], params: SamplingParams, stop: list[str]
                   ) -> AsyncIterator[tuple[str, RequestOutput, str | None]]:
@@ -263,8 +292,15 @@ def build_app(engine: AsyncLLMEngine | ProcessLLMEngine, served_model_name: str)
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def respond(request: Request, body: SamplingFields, prompt: list[int], max_tokens: int | None,
-                      chat: bool):
-        params = serving.sampling_params(body, len(prompt), max_tokens)
+                      chat: bool, logprobs: int | None):
+        """logprobs: top tokens to report per output token (0: only the chosen one's), None: no logprobs."""
+        params = serving.sampling_params(body, len(prompt), max_tokens, logprobs)
+
+        def choice_logprobs(out: RequestOutput, start: int, text_offset: int) -> dict | None:
+            if logprobs is None:
+                return None
+            return serving.chat_logprobs(out, start) if chat else serving.completion_logprobs(out, start, text_offset)
+
         stop = [s for s in ([body.stop] if isinstance(body.stop, str) else body.stop or []) if s]
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -275,17 +311,19 @@ def build_app(engine: AsyncLLMEngine | ProcessLLMEngine, served_model_name: str)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             async def events() -> AsyncIterator[str]:
-                first, last = True, None
+                first, last, reported, text_len = True, None, 0, 0  # tokens and text covered by earlier chunks
                 try:
                     async for delta, out, reason in serving.run(request_id, prompt, params, stop):
                         last = out
                         if not delta and reason is None:
-                            continue  # nothing printable yet (a partial character)
+                            continue  # nothing printable yet (a partial character): its tokens go with the next
+                        lp = choice_logprobs(out, reported, text_len)
+                        reported, text_len = len(out.token_ids), text_len + len(delta)
                         if chat:
                             message = {"role": "assistant", "content": delta} if first else {"content": delta}
-                            choice = {"index": 0, "delta": message, "logprobs": None, "finish_reason": reason}
+                            choice = {"index": 0, "delta": message, "logprobs": lp, "finish_reason": reason}
                         else:
-                            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": reason}
+                            choice = {"index": 0, "text": delta, "logprobs": lp, "finish_reason": reason}
                         first = False
                         yield sse({**head, "choices": [choice]})
                 except Exception as e:  # the status line is sent already: report in the stream
@@ -309,23 +347,27 @@ def build_app(engine: AsyncLLMEngine | ProcessLLMEngine, served_model_name: str)
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         text, out, reason = result
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": choice_logprobs(out, 0, 0), "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": text, "logprobs": choice_logprobs(out, 0, 0), "finish_reason": reason}
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
                 "usage": usage(out)}
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
         serving.check_model(body)
-        return await respond(request, body, serving.completion_prompt(body), body.max_tokens, chat=False)
+        return await respond(request, body, serving.completion_prompt(body), body.max_tokens, chat=False,
+                             logprobs=body.logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest):
         serving.check_model(body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await respond(request, body, serving.chat_prompt(body), max_tokens, chat=True)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BadRequest("top_logprobs needs logprobs set to true")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return await respond(request, body, serving.chat_prompt(body), max_tokens, chat=True, logprobs=logprobs)
 
     return app
 
