@@ -28,6 +28,10 @@
 # went over 64 MiB once the tree had grown); 2 smollm2-ab -> d2; then a3; then 1 smollm2-aa gguf wheel workload,
 # 2 smollm2-ab, 3 part-aa, 4 part-ab -> stage; 5 part-ac -> GPU tests + f; then 1 part-aa, 2 part-ab -> stage;
 # 3 part-ac -> c7.
+# The eighth's (one H200, 2026-12-04): 1 part-aa -> as; 2 part-ab -> as2; 3 part-ac -> c7; then 1 part-aa,
+# 2 part-ab -> stage; 3 part-ac -> c; then a4; then (after the tile change) 1 part-aa -> stage + the engine's GPU tests
+# (pytest -m gpu tests/test_engines_core.py tests/test_engines_core_kernels.py tests/test_engines_unified_attention.py);
+# 2 part-ab -> stage; 3 part-ac -> c7.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
