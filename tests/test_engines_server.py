@@ -134,6 +134,37 @@ def test_logprobs_in_both_formats(server, smollm):
     wait_pool_full(server.engine)
 
 
+def test_n_choices(server, smollm):
+    """n > 1: one engine request per choice on the same prompt. Greedy choices all equal the plain greedy answer;
+    seeded sampled choices differ from each other and repeat exactly; streamed choices add up to the same texts;
+    usage counts the prompt once and every choice's tokens."""
+    want = greedy_text(smollm, smollm.tokenizer(PROMPT).input_ids, 8)
+    r = server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2] and all(c.text == want for c in r.choices)
+    assert r.usage.prompt_tokens == len(smollm.tokenizer(PROMPT).input_ids) and r.usage.completion_tokens == 24
+
+    texts = [c.text for c in server.client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=7, n=3,
+        extra_body={"ignore_eos": True}).choices]
+    assert len(set(texts)) > 1
+    chunks = list(server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=7,
+                                                   n=3, extra_body={"ignore_eos": True}, stream=True,
+                                                   stream_options={"include_usage": True}))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert streamed == texts and chunks[-1].usage.completion_tokens == 36
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    stream = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, n=2,
+                                                   stream=True)
+    roles, contents = {}, {0: "", 1: ""}
+    for c in stream:
+        choice = c.choices[0]
+        roles.setdefault(choice.index, choice.delta.role)
+        contents[choice.index] += choice.delta.content or ""
+    assert roles == {0: "assistant", 1: "assistant"} and contents[0] == contents[1] != ""
+    wait_pool_full(server.engine)
+
+
 def test_concurrent_requests_each_match(server, smollm):
     """Requests in flight together share engine steps (continuous batching) and still get their own answer."""
     prompts = ["Once upon a time", "def fibonacci(n):", "The three primary colors are", "Water boils at"]
@@ -190,8 +221,9 @@ def test_non_streaming_disconnect_frees_blocks(server):
     (b"{not json", "not valid JSON"),
     (b'{"model": "gpt-4", "prompt": "hi"}', "does not exist"),
     (b'{"prompt": "hi", "max_tokens": 0}', "at least 1"),
-    (b'{"prompt": "hi", "n": 2}', "n=1"),
+    (b'{"prompt": "hi", "n": 17}', "less than or equal to 16"),
     (b'{"prompt": "hi", "logprobs": 21}', "logprobs"),
+    (b'{"prompt": "hi", "echo": true}', "echo"),
     (b'{"max_tokens": 5}', "prompt"),
     (b'{"prompt": [1, 2, 99999999]}', "token ids"),
 ])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -30,6 +31,8 @@ from core.generate import SamplingParams
 from engines.ours.async_engine import AsyncLLMEngine
 from engines.ours.engine_core import ProcessLLMEngine
 from engines.ours.llm_engine import MAX_LOGPROBS
+
+MAX_CHOICES = 16  # n: choices per request, each an engine request of its own
 from engines.ours.outputs import RequestOutput
 
 
@@ -50,13 +53,14 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top tokens per position, besides the chosen one
+    echo: bool = False  # not supported: refused rather than ignored
 
 
 class ChatMessage(BaseModel):
@@ -137,10 +141,10 @@ class OpenAIServing:
         if body.model is not None and body.model != self.served_model_name:
             raise BadRequest(f"The model `{body.model}` does not exist; this server serves "
                              f"`{self.served_model_name}` (see /v1/models).")
-        if body.n != 1:
-            raise BadRequest("only n=1 is supported")
 
     def completion_prompt(self, body: CompletionRequest) -> list[int]:
+        if body.echo:
+            raise BadRequest("echo (the prompt and its logprobs in the answer) is not supported")
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -225,9 +229,42 @@ class OpenAIServing:
                     return
 
 
-def usage(out: RequestOutput) -> dict:
-    n_in, n_out = len(out.prompt_token_ids), len(out.token_ids)
+def usage(outs: list[RequestOutput]) -> dict:
+    """One request's usage: its prompt once, the tokens of all its choices."""
+    n_in, n_out = len(outs[0].prompt_token_ids), sum(len(out.token_ids) for out in outs)
     return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+
+
+async def interleave(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """The items of several async iterators as they come, each with its iterator's index (one request's choices).
+    An exception in one is raised here; closing this generator closes them all (aborting their engine requests)."""
+    items: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await items.put((i, item))
+        except Exception as e:
+            await items.put((i, e))
+        finally:
+            await items.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await items.get()
+            if item is done:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def sse(data: dict | str) -> str:
@@ -293,8 +330,12 @@ def build_app(engine: AsyncLLMEngine | ProcessLLMEngine, served_model_name: str)
 
     async def respond(request: Request, body: SamplingFields, prompt: list[int], max_tokens: int | None,
                       chat: bool, logprobs: int | None):
-        """logprobs: top tokens to report per output token (0: only the chosen one's), None: no logprobs."""
+        """logprobs: top tokens to report per output token (0: only the chosen one's), None: no logprobs.
+        n > 1 runs n engine requests on the same prompt (prefix caching shares its blocks), one per choice; with a
+        seed, choice i samples with seed + i."""
         params = serving.sampling_params(body, len(prompt), max_tokens, logprobs)
+        choice_params = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                         for i in range(body.n)]
 
         def choice_logprobs(out: RequestOutput, start: int, text_offset: int) -> dict | None:
             if logprobs is None:
@@ -307,52 +348,59 @@ def build_app(engine: AsyncLLMEngine | ProcessLLMEngine, served_model_name: str)
         head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": created, "model": served_model_name}
 
+        def run(i: int) -> AsyncIterator[tuple[str, RequestOutput, str | None]]:
+            return serving.run(f"{request_id}-{i}", prompt, choice_params[i], stop)
+
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             async def events() -> AsyncIterator[str]:
-                first, last, reported, text_len = True, None, 0, 0  # tokens and text covered by earlier chunks
+                n = body.n
+                # Per choice: its last output, and the tokens and text that its earlier chunks covered.
+                last, reported, text_len = [None] * n, [0] * n, [0] * n
                 try:
-                    async for delta, out, reason in serving.run(request_id, prompt, params, stop):
-                        last = out
+                    async for i, (delta, out, reason) in interleave([run(i) for i in range(n)]):
+                        last[i] = out
                         if not delta and reason is None:
                             continue  # nothing printable yet (a partial character): its tokens go with the next
-                        lp = choice_logprobs(out, reported, text_len)
-                        reported, text_len = len(out.token_ids), text_len + len(delta)
+                        lp = choice_logprobs(out, reported[i], text_len[i])
+                        first = reported[i] == 0  # this choice's first chunk
+                        reported[i], text_len[i] = len(out.token_ids), text_len[i] + len(delta)
                         if chat:
                             message = {"role": "assistant", "content": delta} if first else {"content": delta}
-                            choice = {"index": 0, "delta": message, "logprobs": lp, "finish_reason": reason}
+                            choice = {"index": i, "delta": message, "logprobs": lp, "finish_reason": reason}
                         else:
-                            choice = {"index": 0, "text": delta, "logprobs": lp, "finish_reason": reason}
-                        first = False
+                            choice = {"index": i, "text": delta, "logprobs": lp, "finish_reason": reason}
                         yield sse({**head, "choices": [choice]})
                 except Exception as e:  # the status line is sent already: report in the stream
                     yield sse(error_body(str(e), 500, "InternalServerError"))
                     yield sse("[DONE]")
                     return
-                if include_usage and last is not None:
+                if include_usage and None not in last:
                     yield sse({**head, "choices": [], "usage": usage(last)})
                 yield sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        async def collect():
+        async def collect(i: int):
             pieces, last, reason = [], None, None
-            async for delta, last, reason in serving.run(request_id, prompt, params, stop):
+            async for delta, last, reason in run(i):
                 pieces.append(delta)
             return "".join(pieces), last, reason
 
-        result = await cancel_on_disconnect(request, collect())
-        if result is None:
+        results = await cancel_on_disconnect(request, asyncio.gather(*(collect(i) for i in range(body.n))))
+        if results is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        text, out, reason = result
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": choice_logprobs(out, 0, 0), "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": choice_logprobs(out, 0, 0), "finish_reason": reason}
-        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                "usage": usage(out)}
+        choices = []
+        for i, (text, out, reason) in enumerate(results):
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": choice_logprobs(out, 0, 0), "finish_reason": reason})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": choice_logprobs(out, 0, 0),
+                                "finish_reason": reason})
+        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+                "usage": usage([out for _, out, _ in results])}
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
