@@ -31,9 +31,9 @@ from core.generate import SamplingParams
 from engines.ours.async_engine import AsyncLLMEngine
 from engines.ours.engine_core import ProcessLLMEngine
 from engines.ours.llm_engine import MAX_LOGPROBS
+from engines.ours.outputs import RequestOutput
 
 MAX_CHOICES = 16  # n: choices per request, each an engine request of its own
-from engines.ours.outputs import RequestOutput
 
 
 # --- request bodies (the OpenAI fields we honour, plus vLLM's extras top_k, ignore_eos, stop_token_ids) ----------
