@@ -43,8 +43,8 @@ def packed_lm_head(model: Transformer) -> torch.nn.Module:
     """On a CPU, the LM head with its weight prepacked for oneDNN (cpu_linear.py), as the served layers' projections.
 
     A decode step multiplies a few dozen rows by the 49k x 576 LM head of SmolLM2: on the 2-core development VM
-    33 ms for 32 rows through PyTorch's default CPU GEMM, 13 ms through oneDNN (2026-12-04). A packed copy (113 MB for SmolLM2 in
-    float32): the model, whose embedding shares the weight, stays as it is."""
+    33 ms for 32 rows through PyTorch's default CPU GEMM, 13 ms through oneDNN (2026-12-04). A packed copy (113 MB
+    for SmolLM2 in float32): the model, whose embedding shares the weight, stays as it is."""
     return cpu_linear.packed(model.lm_head)
 
 
