@@ -250,7 +250,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch1-tokens", type=int, default=256, help="tokens decoded in the batch-1 measurement")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default=None, help="default bfloat16 on GPU")
-    p.add_argument("--max-num-seqs", type=int, default=None, help=f"ours (default: {MAX_NUM_SEQS}, or as many requests as its KV cache holds whole if fewer)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"ours (default: {MAX_NUM_SEQS}, or as many requests as its KV cache holds whole if fewer)")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="ours: token budget of a step")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--timeout", type=int, default=600, help="seconds per engine and model")

@@ -128,8 +128,8 @@ def load():
             print("compiling the CPU paged-attention kernel (once; about 30 s on 2 cores)", file=sys.stderr, flush=True)
         # -march=native: this machine's vector width (AVX-512 where there is one); -ffast-math: the softmax's exp
         # vectorised too (the kernel never meets an infinity or NaN of its own making).
-        module = load_inline(NAME, SOURCE, functions=["paged_decode_attention"],
-                             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"], extra_ldflags=["-fopenmp"])
+        module = load_inline(NAME, SOURCE, functions=["paged_decode_attention"], extra_ldflags=["-fopenmp"],
+                             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"])
     except Exception as e:  # no compiler, no ninja, an unsupported platform: the reference path still works
         warnings.warn(f"CPU paged attention kernel unavailable ({type(e).__name__}: {e}); using gather + SDPA")
         return None
