@@ -1,5 +1,6 @@
 """The CPU serving paths of our engine: the C++ paged decode attention kernel (engines/ours/cpu_attention.py) against
 the reference gather + SDPA, and the oneDNN-prepacked Linear layers (engines/ours/cpu_linear.py) against nn.Linear."""
+import json
 import os
 import random
 
@@ -129,3 +130,15 @@ def test_runner_packs_only_its_serving_copy():
         assert type(model.layers[0].self_attn.o_proj) is torch.nn.Linear  # the caller's model is left as it was
         torch.testing.assert_close(runner.model(ids), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model(ids), want)
+
+
+@needs_onednn
+def test_cpu_linear_bench_times_every_served_matmul(tmp_path):
+    from engines import cpu_linear_bench
+    out = tmp_path / "bench.json"
+    cpu_linear_bench.main(["--model", "tiny", "--rows", "1,3", "--calls", "1", "--repeats", "1", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [(r["matmul"], r["rows"]) for r in results] == [
+        (m, n) for m in ("q|k|v", "o", "gate|up", "down", "lm_head") for n in (1, 3)]
+    assert results[0]["in"] == 64 and results[0]["out"] == 4 * 16 + 2 * 2 * 16  # tiny: 4 heads, 2 KV heads of 16
+    assert all(r["plain_us"] > 0 and r["packed_us"] > 0 for r in results)

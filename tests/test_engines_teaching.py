@@ -96,6 +96,8 @@ def test_gpu_bench_code_path_on_cpu(tmp_path):
     (["-m", "engines.gpu_bench", "--models", "nope"], "unknown model shape"),
     (["-m", "engines.cpu_bench", "--engines", "foo"], "--engines takes"),
     (["-m", "engines.teaching.kv_fragmentation", "--block-sizes", "x"], "--block-sizes takes"),
+    (["-m", "engines.cpu_linear_bench", "--model", "nope"], "unknown model"),
+    (["-m", "engines.cpu_linear_bench", "--rows", "0"], "at least 1"),
 ])
 def test_bad_arguments_give_one_clear_line(argv, message):
     proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)

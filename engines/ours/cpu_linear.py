@@ -1,9 +1,9 @@
 """Linear layers with their weights prepacked for oneDNN, for serving on a CPU (what vLLM's CPU build does).
 
 PyTorch's default CPU GEMM is MKL's, and MKL picks slow code paths on AMD CPUs. On the 2-core AMD EPYC development
-VM (2026-12-04, float32, median of 7 x 20 calls of each), oneDNN with the weight reordered once into its blocked
-layout beat `F.linear` for SmolLM2's served shapes: q|k|v 1.4x, o 1.4x, gate|up 1.7x, down 1.4x at 32 rows (a
-32-sequence decode step); 1.0-1.8x at 1 row, 1.2-1.5x at 128; the 49k-row LM head 2.1-2.5x at every row count.
+VM (2026-12-04, float32; `python -m engines.cpu_linear_bench`, engines/results/cpu/cpu_linear_bench.json), oneDNN
+with the weight reordered once into its blocked layout beat `F.linear` on SmolLM2's served shapes by 1.2-1.6x at 32
+rows (a 32-sequence decode step), 1.1-2.0x at 1 row and 1.2-1.3x at 128, and on the 49k-row LM head by 1.9-2.3x.
 The reorder is done once, at start-up, into a copy: the model keeps its plain weights (other code may read or swap
 them), so the served layers hold their weights twice.
 """
