@@ -96,8 +96,8 @@ FAST_TO_SAFE = ("cuda graphs + triton", "eager + triton", "eager + gather")
 def build_ours(lm, args: argparse.Namespace, max_num_seqs: int, mode: str, torch_compile: bool,
                async_scheduling: bool = True):
     from engines.ours import LLM
-    llm = LLM(lm, max_num_seqs=max_num_seqs, skip_tokenizer_init=True, max_model_len=args.input_len + args.output_len
-              + 16, max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=mode != FAST_TO_SAFE[0],
+    llm = LLM(lm, max_num_seqs=max_num_seqs, skip_tokenizer_init=True, max_model_len=request_len(args),
+              max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=mode != FAST_TO_SAFE[0],
               torch_compile=torch_compile and mode != "eager + gather", async_scheduling=async_scheduling,
               gpu_memory_utilization=args.gpu_memory_utilization,
               kv_cache_memory_gb=None if lm.model.embed_tokens.weight.is_cuda else KV_CACHE_GB_ON_CPU)
@@ -106,13 +106,18 @@ def build_ours(lm, args: argparse.Namespace, max_num_seqs: int, mode: str, torch
     return llm
 
 
+def request_len(args: argparse.Namespace) -> int:
+    """Tokens one request may reach, both engines' max_model_len: prompt + output, and 16 to spare."""
+    return args.input_len + args.output_len + 16
+
+
 def kv_capacity_in_requests(lm, args: argparse.Namespace, block_size: int = 16) -> int:
-    """How many of the benchmark's requests (prompt + output + the engine's 16 spare tokens) our KV cache holds whole,
-    with the memory the engine will get."""
+    """How many of the benchmark's requests (request_len tokens each) our KV cache holds whole, with the memory the
+    engine will get."""
     from engines.ours.llm_engine import kv_cache_blocks
     on_cpu = not lm.model.embed_tokens.weight.is_cuda
     blocks = kv_cache_blocks(lm, block_size, None, KV_CACHE_GB_ON_CPU if on_cpu else None, args.gpu_memory_utilization)
-    return blocks // -(-(args.input_len + args.output_len + 16) // block_size)
+    return blocks // -(-request_len(args) // block_size)
 
 
 def run_ours(args: argparse.Namespace, torch_compile: bool, async_scheduling: bool) -> dict:
@@ -183,7 +188,7 @@ def run_vllm(args: argparse.Namespace) -> dict:
     (folder / "config.json").write_text(json.dumps({**cfg.to_hf(), "torch_dtype": args.dtype or "bfloat16"}))
     t = time.perf_counter()
     llm = LLM(model=str(folder), load_format="dummy", skip_tokenizer_init=True, dtype=args.dtype or "bfloat16",
-              max_model_len=args.input_len + args.output_len + 16, seed=0,
+              max_model_len=request_len(args), seed=0,
               gpu_memory_utilization=args.gpu_memory_utilization)
     startup_s = time.perf_counter() - t
 

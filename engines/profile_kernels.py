@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def timed_steps(llm, steps: int, on_cuda: bool) -> float:
-    """Milliseconds per engine step over `steps` steps (each step ends by reading its tokens, so it is synchronous)."""
+    """Milliseconds per engine step over `steps` steps. With async scheduling one step is in flight at the end as at
+    the start, so this is the steady-state rate, not the sum of isolated steps."""
     if on_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()

@@ -39,10 +39,10 @@ from engines.ours.sequence import RequestMetrics
 class _Stream:
     """The server's side of one request: the tokens it has so far and the asyncio queue its outputs go to."""
 
-    def __init__(self, prompt: list[int], loop: asyncio.AbstractEventLoop):
+    def __init__(self, prompt: list[int], loop: asyncio.AbstractEventLoop, params: SamplingParams):
         self.prompt, self.loop, self.queue = prompt, loop, asyncio.Queue()
         self.token_ids: list[int] = []
-        self.logprobs: list | None = None  # as RequestOutput.logprobs, when the request asked for them
+        self.logprobs: list | None = [] if params.logprobs is not None else None  # as RequestOutput.logprobs
         self.metrics = RequestMetrics(time.perf_counter())  # perf_counter is system-wide: the child's stamps match
 
 
@@ -99,7 +99,7 @@ class ProcessLLMEngine:
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
                        ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs (each holds all tokens so far) until finished; see AsyncLLMEngine.generate."""
-        stream = _Stream(list(prompt_token_ids), asyncio.get_running_loop())
+        stream = _Stream(list(prompt_token_ids), asyncio.get_running_loop(), params)
         self._streams[request_id] = stream
         if not self._send(("add", request_id, stream.prompt, params, stream.metrics.arrival_time)):
             self._streams.pop(request_id, None)
@@ -138,8 +138,8 @@ class ProcessLLMEngine:
                     if stream is None:
                         continue  # aborted meanwhile
                     stream.token_ids.extend(new_tokens)
-                    if new_logprobs is not None:
-                        stream.logprobs = (stream.logprobs or []) + new_logprobs
+                    if stream.logprobs is not None:
+                        stream.logprobs.extend(new_logprobs)
                     out = RequestOutput(request_id, None, stream.prompt, list(stream.token_ids), text or "",
                                         reason is not None, reason, metrics or stream.metrics,
                                         None if stream.logprobs is None else list(stream.logprobs))

@@ -1,7 +1,7 @@
 """What the engine hands back for a request (the fields of vLLM's RequestOutput that a reader meets first)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engines.ours.sequence import RequestMetrics
 
@@ -18,4 +18,4 @@ class RequestOutput:
     metrics: RequestMetrics
     # One (chosen token's log-probability, [(token id, log-probability)] of the top ones) per token of token_ids,
     # when the request asked for logprobs (SamplingParams.logprobs); None otherwise.
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = field(default=None)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
