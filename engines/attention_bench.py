@@ -26,17 +26,31 @@ from core.measure import graph_replay_us
 SHAPES = {"llama2-7b": (32, 32, 128), "smollm2-135m": (9, 3, 64)}
 
 
-def make_inputs(batch: int, seq_len: int, heads: int, kv_heads: int, dim: int, block_size: int = 16):
+def make_inputs(batch: int, seq_len: str, heads: int, kv_heads: int, dim: int, block_size: int = 16,
+                layout: str = "token", pool_blocks: int = 0, layers: int = 1, tables: str = "random"):
+    """seq_len: keys per sequence, "N" or "LO-HI" (each sequence's length drawn uniformly, as in a running batch).
+    layout "token": pools [num_blocks, block_size, Hkv, D] (a block holds each token's heads side by side); "head":
+    stored [num_blocks, Hkv, block_size, D] (each head's keys of a block together) and passed as a transposed view, so
+    the kernel only sees other strides. pool_blocks: spread the tables over a pool this big (a full engine's pool).
+    layers: one pool pair per layer, all attended in turn, as a model's decode step does (the pools of 32 layers of a
+    full engine span most of the GPU's memory, each call another range of it). tables "random": each sequence's
+    blocks scattered over the pool, as after a while of serving; "sequential": sequence i holds blocks i*n..i*n+n-1,
+    as when a batch of requests is admitted into a fresh pool."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    blocks_per_seq = -(-seq_len // block_size)
-    num_blocks = batch * blocks_per_seq
-    k_pool, v_pool = (torch.randn(num_blocks, block_size, kv_heads, dim, device="cuda", dtype=torch.bfloat16,
-                                  generator=g) for _ in range(2))
-    tables = torch.randperm(num_blocks, device="cuda", generator=g).view(batch, blocks_per_seq).to(torch.int32)
-    seq_lens = torch.full((batch,), seq_len, device="cuda", dtype=torch.int32)
+    lo, _, hi = seq_len.partition("-")
+    lens = torch.randint(int(lo), int(hi or lo) + 1, (batch,), device="cuda", generator=g)
+    blocks_per_seq = -(-int(lens.max()) // block_size)
+    num_blocks = max(batch * blocks_per_seq, pool_blocks)
+    stored = (num_blocks, block_size, kv_heads, dim) if layout == "token" else (num_blocks, kv_heads, block_size, dim)
+    pools = [torch.randn(stored, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2 * layers)]
+    if layout == "head":
+        pools = [pool.transpose(1, 2) for pool in pools]
+    order = torch.randperm(num_blocks, device="cuda", generator=g) if tables == "random" else torch.arange(
+        num_blocks, device="cuda")
+    tables = order[:batch * blocks_per_seq].view(batch, blocks_per_seq).to(torch.int32)
     q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16, generator=g)
-    kv_bytes = 2 * batch * seq_len * kv_heads * dim * 2
-    return (q, k_pool, v_pool, tables, seq_lens), kv_bytes
+    kv_bytes = 2 * int(lens.sum()) * kv_heads * dim * 2 * layers
+    return q, pools[::2], pools[1::2], tables, lens.to(torch.int32), kv_bytes
 
 
 @cli
@@ -44,7 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engines.attention_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="llama2-7b:256:256,llama2-7b:64:256,llama2-7b:256:512,smollm2-135m:256:256",
-                        help="comma list of shape:batch:keys per sequence")
+                        help="comma list of shape:batch:keys per sequence (N, or LO-HI for mixed lengths)")
+    parser.add_argument("--layouts", default="token", help="K/V pool layouts to compare: token, head (see make_inputs)")
+    parser.add_argument("--pool-blocks", type=int, default=0, help="blocks in the pool (default: just enough)")
+    parser.add_argument("--layers", type=int, default=1, help="pools attended in turn per timed call (see make_inputs)")
+    parser.add_argument("--tables", default="random", help="block orders to compare: random, sequential")
+    parser.add_argument("--dot", default="0", help="values to sweep (1: tl.dot on tensor cores, 0: CUDA cores)")
     parser.add_argument("--tiles", default="32,64,128")
     parser.add_argument("--warps", default="2,4,8")
     parser.add_argument("--stages", default="1,2,3")
@@ -56,18 +75,26 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("this benchmark needs a CUDA GPU")
     from engines.ours.triton_attention import paged_decode_attention
 
-    configs = [dict(tile=t, num_warps=w, num_stages=s, num_splits=n or None) for t, w, s, n in itertools.product(
-        *(map(int, x.split(",")) for x in (args.tiles, args.warps, args.stages, args.splits)))]
+    configs = [dict(tile=t, num_warps=w, num_stages=s, num_splits=n or None, dot=bool(f))
+               for t, w, s, n, f in itertools.product(*(map(int, x.split(",")) for x in (
+                   args.tiles, args.warps, args.stages, args.splits, args.dot)))]
     results = []
-    for case in args.cases.split(","):
+    for case, layout, order in itertools.product(args.cases.split(","), args.layouts.split(","),
+                                                 args.tables.split(",")):
         shape, batch, seq_len = case.split(":")
-        inputs, kv_bytes = make_inputs(int(batch), int(seq_len), *SHAPES[shape])
-        reference = paged_decode_attention(*inputs)
+        q, k_pools, v_pools, tables, lens, kv_bytes = make_inputs(
+            int(batch), seq_len, *SHAPES[shape], layout=layout, pool_blocks=args.pool_blocks, layers=args.layers,
+            tables=order)
+        case = f"{case} {layout} {order}" + (f" x{args.layers} layers" if args.layers > 1 else "")
+
+        def attend_all(**config):
+            return [paged_decode_attention(q, k, v, tables, lens, **config) for k, v in zip(k_pools, v_pools)][-1]
+        reference = attend_all()
         rows = []
         for config in [{}] + configs:
             try:
-                err = (paged_decode_attention(*inputs, **config).float() - reference.float()).abs().max().item()
-                us = graph_replay_us(lambda: paged_decode_attention(*inputs, **config), 3, args.repeats)
+                err = (attend_all(**config).float() - reference.float()).abs().max().item()
+                us = graph_replay_us(lambda: attend_all(**config), 3, args.repeats)
             except Exception as e:  # a configuration Triton cannot build (too many registers, shared memory)
                 print(f"{case} {config}: {type(e).__name__}: {str(e)[:100]}")
                 continue
@@ -80,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in sorted(rows, key=lambda r: -r["gbs"])[:5]:
             print(f"    {r['gbs']:7.0f} GB/s  {r['us']:8.1f} us  {r['config']}")
         results += rows
+        del k_pools, v_pools  # before the next case's pools: a full engine's pools take most of the GPU
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": results}, indent=1))

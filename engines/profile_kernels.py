@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20, help="decode steps recorded")
     parser.add_argument("--int4", choices=("triton", "torch"), help="RTN INT4 g128 projections with this backend")
+    parser.add_argument("--shuffle-blocks", action="store_true",
+                        help="hand out KV blocks in a random order (default: the pool's order, as a fresh engine does)")
     parser.add_argument("--top", type=int, default=15, help="kernels listed")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -53,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     llm = LLM(lm, max_num_seqs=args.num_seqs, max_model_len=args.input_len + 2 * args.steps + 64,
               enable_prefix_caching=False, skip_tokenizer_init=True,
               torch_compile=False if args.int4 else None)  # INT4 layers uncompiled, as in optimization/steps.py
+    if args.shuffle_blocks:
+        free = list(llm.block_manager.allocator.free)
+        random.Random(0).shuffle(free)
+        llm.block_manager.allocator.free = OrderedDict.fromkeys(free)
     vocab = min(lm.model.config.vocab_size, 32000)
     for i in range(args.num_seqs):
         prompt = [(31 * i + 7 * j) % (vocab - 10) + 10 for j in range(args.input_len)]

@@ -39,8 +39,13 @@ def check_kernel(heads: int, kv_heads: int, head_dim: int, block_size: int, dev:
     q = torch.randn(len(seq_lens), heads, head_dim, generator=g)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     expected = gathered_attention(q, k_pool, v_pool, tables, lens)
-    for splits in (1, 4):  # 4: the short sequences leave some splits empty, the merge must ignore them
-        out = paged_decode_attention(*[t.to(dev) for t in (q, k_pool, v_pool, tables, lens)], num_splits=splits)
+    # The same values stored head-major ([block, head, token, dim], seen through a transposed view): other strides.
+    head_major = [pool.transpose(1, 2).contiguous().transpose(1, 2) for pool in (k_pool, v_pool)]
+    token_major = (k_pool, v_pool)
+    # splits 4: the short sequences leave some splits empty, the merge must ignore them
+    for pools, splits, dot in [(token_major, 1, False), (token_major, 4, False), (head_major, 4, False),
+                               (token_major, 1, True), (head_major, 4, True)]:
+        out = paged_decode_attention(*[t.to(dev) for t in (q, *pools, tables, lens)], num_splits=splits, dot=dot)
         torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
 
 

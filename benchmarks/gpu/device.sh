@@ -132,6 +132,56 @@ case "${1:-}" in
     run attention_bench_7b 300 python -m engines.attention_bench --cases llama2-7b:256:256,llama2-7b:256:512,llama2-7b:64:256 \
       --tiles 16,32,64 --warps 2,4,8 --stages 1,2,3 --out "$OUT/attention_bench_7b.json"
     ;;
+  a5)  # the decode attention kernel: K/V pool layouts (token- or head-major), the next tile prefetched or not, on an
+      # engine-like batch (the 7B shape's 422 sequences of 256-512 keys over a full pool's 13,937 blocks); GPU tests
+    run gpu_tests_attention 200 python -m pytest -q -p no:cacheprovider -m gpu tests/test_engines_core_kernels.py
+    run attention_layouts 400 python -m engines.attention_bench --cases llama2-7b:422:256-512,llama2-7b:256:256,\
+smollm2-135m:512:256-512 --layouts token,head --prefetch 0,1 --tiles 16,32 --warps 2,4 --stages 1,2 \
+      --pool-blocks 13937 --out "$OUT/attention_layouts.json"
+    ;;
+  a6)  # the kernel alone over one layer's pools, then over 32 layers' (a full engine's pools, each layer's call on
+      # another range of memory), against its time inside the engine's decode step (profile_kernels, same batch)
+    for layers in 1 32; do
+      run attention_layers$layers 200 python -m engines.attention_bench --cases llama2-7b:256:256-276 --layers $layers \
+        --pool-blocks 13937 --tiles 16 --warps 2 --stages 1 --out "$OUT/attention_layers$layers.json"
+    done
+    run kernels_7b_bf16 200 python -m engines.profile_kernels --model llama2-7b --random-weights --num-seqs 256 \
+      --out "$OUT/profile_kernels_7b_bf16.json"
+    ;;
+  a7)  # step inputs copied from pinned memory (no stream synchronisation while a step runs): the engine's GPU
+      # tests, where a full 7B batch's step goes, ours alone offline on the 7B shape (no kit needed)
+    run gpu_tests_engine 240 python -m pytest -q -p no:cacheprovider -m gpu tests/test_engines_core.py \
+      tests/test_engines_core_kernels.py tests/test_engines_unified_attention.py tests/test_engines_fused.py
+    run kernels_7b_bf16_pinned 200 python -m engines.profile_kernels --model llama2-7b --random-weights --num-seqs 256 \
+      --out "$OUT/profile_kernels_7b_bf16_pinned.json"
+    run engines_ours_7b 300 python -m engines.gpu_bench --engines ours --models llama2-7b --out "$OUT/gpu_bench_ours_7b.json"
+    ;;
+  a8)  # the kernel over 32 layers' pools, blocks scattered or in admission order (heads-together and prefetch
+      # variants were swept here too on 2026-12-04 and removed: no gain for the 7B shape)
+    run attention_order 300 python -m engines.attention_bench --cases llama2-7b:256:256-276,llama2-7b:422:256-512,\
+smollm2-135m:512:256-512 --layers 32 --pool-blocks 13937 --tables random,sequential --tiles 16 \
+      --warps 2 --stages 1 --out "$OUT/attention_order.json"
+    ;;
+  a9)  # a full 7B batch's decode step with KV blocks handed out in the pool's order and in a random one
+    for order in plain shuffled; do
+      run kernels_7b_$order 200 python -m engines.profile_kernels --model llama2-7b --random-weights --num-seqs 256 \
+        $([ $order = shuffled ] && echo --shuffle-blocks) --out "$OUT/profile_kernels_7b_$order.json"
+    done
+    ;;
+  a10)  # the kernel on tensor cores (tl.dot, the query heads padded to 16 rows) or CUDA cores, over 32 layers' pools
+    run attention_dot 400 python -m engines.attention_bench --cases llama2-7b:422:256-512,smollm2-135m:512:256-512,\
+llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 --warps 2,4 --stages 1,3 \
+      --out "$OUT/attention_dot.json"
+    run gpu_tests_attention 200 python -m pytest -q -p no:cacheprovider -m gpu tests/test_engines_core_kernels.py
+    ;;
+  t)  # the engine's GPU tests (with a kit part arriving: the first call of three for stage c)
+    run gpu_tests_engine 240 python -m pytest -q -p no:cacheprovider -m gpu tests/test_engines_core.py \
+      tests/test_engines_core_kernels.py tests/test_engines_unified_attention.py tests/test_engines_fused.py
+    ;;
+  k2)  # where a full 7B batch's decode step goes now (with a kit part arriving: the second call of three)
+    run kernels_7b_bf16 200 python -m engines.profile_kernels --model llama2-7b --random-weights --num-seqs 256 \
+      --out "$OUT/profile_kernels_7b_bf16.json"
+    ;;
   a3)  # the same, split-K over the sequence (flash-decoding) at every batch size, for both head layouts
     run attention_splits 300 python -m engines.attention_bench --cases \
       smollm2-135m:256:256,smollm2-135m:128:512,smollm2-135m:32:512,llama2-7b:256:256,llama2-7b:64:256 \

@@ -21,7 +21,7 @@ import torch
 from core.generate import graph_capture
 from core.model import Transformer
 from engines.ours.paged_cache import (AttentionMetadata, DecodeGroup, PagedKVCache, UnifiedGroup,
-                                      block_table_tensor)
+                                      block_table_tensor, host_tensor)
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -72,16 +72,20 @@ class _StepGraphs:
     def forward(self, size: int) -> torch.Tensor:
         return self.model.hidden_states(self.ids[:, :size], self.positions[:, :size], self.cache)[0]
 
+    def host(self, data, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """Step inputs on the host, pinned on a GPU: copied in without waiting for the step still running."""
+        return host_tensor(data, dtype, self.dev)
+
     def load(self, ids: list[int], positions: list[int], slots: list[int], fill=None) -> int:
         """Copy a step's flat inputs in; reset the padding up to the size that will run; return that size.
         fill: (flat indices, token ids), both on the device: inputs that come from the previous step's samples."""
         n = len(ids)
         size = next(s for s in self.sizes if s >= n)
-        self.ids[0, :n].copy_(torch.tensor(ids), non_blocking=True)
+        self.ids[0, :n].copy_(self.host(ids), non_blocking=True)
         if fill is not None:
             self.ids[0, fill[0]] = fill[1]
-        self.positions[0, :n].copy_(torch.tensor(positions), non_blocking=True)
-        self.slots[:n].copy_(torch.tensor(slots), non_blocking=True)
+        self.positions[0, :n].copy_(self.host(positions), non_blocking=True)
+        self.slots[:n].copy_(self.host(slots), non_blocking=True)
         self.slots[n:size] = self.scratch_slot  # rows a larger step left behind must not write into its blocks
         return size
 
@@ -114,8 +118,8 @@ class DecodeGraphs(_StepGraphs):
         b = len(ids)
         size = self.load(ids, positions, slots, fill)
         padded = block_table_tensor(tables, self.scratch_block)
-        self.tables[:b, :padded.shape[1]].copy_(padded, non_blocking=True)
-        self.seq_lens[:b].copy_(torch.tensor(positions, dtype=torch.int32) + 1, non_blocking=True)
+        self.tables[:b, :padded.shape[1]].copy_(self.host(padded, torch.int32), non_blocking=True)
+        self.seq_lens[:b].copy_(self.host([p + 1 for p in positions], torch.int32), non_blocking=True)
         if size > b:  # padding rows: the scratch block, one key
             self.tables[b:size, 0] = self.scratch_block
             self.seq_lens[b:size] = 1
@@ -145,7 +149,7 @@ class MixedGraphs(_StepGraphs):
 
         size = self.load(ids, positions, slots, fill)
         padded = block_table_tensor(tables)
-        self.tables[:len(tables), :padded.shape[1]].copy_(padded, non_blocking=True)
+        self.tables[:len(tables), :padded.shape[1]].copy_(self.host(padded, torch.int32), non_blocking=True)
         tiles = self.tiles[size]
-        tiles.copy_(build_query_tiles(chunks, num_tiles=len(tiles)), non_blocking=True)
+        tiles.copy_(self.host(build_query_tiles(chunks, num_tiles=len(tiles)), torch.int32), non_blocking=True)
         return self.replay(size, len(ids))

@@ -24,7 +24,7 @@ from core.model import Transformer
 from engines.ours import cpu_linear, fused_projections
 from engines.ours.cuda_graphs import DecodeGraphs, MixedGraphs
 from engines.ours.paged_cache import (AttentionMetadata, CachedPrefillGroup, DecodeGroup, FreshPrefillGroup,
-                                      PagedKVCache, UnifiedGroup, block_table_tensor, cached_prefill_mask)
+                                      PagedKVCache, UnifiedGroup, block_table_tensor, cached_prefill_mask, to_device)
 from engines.ours.scheduler import ScheduledBatch
 from engines.ours.sequence import PLACEHOLDER, Sequence
 
@@ -141,12 +141,13 @@ class ModelRunner:
         """Eager steps: flat ids [N] and positions [N] on the device, and the cache's metadata. With Triton, one
         unified attention call; otherwise (the reference path) groups of decodes, fresh and continued prefills."""
         dev, bs = self.device, self.block_size
-        slot_mapping = torch.tensor(slots, device=dev)
+        slot_mapping = to_device(slots, dev)
         if self.cache.use_triton and any(n > 1 for _, n, _, _ in chunks):
             from engines.ours.triton_unified_attention import build_query_tiles
-            unified = UnifiedGroup(block_table_tensor(tables).to(dev), build_query_tiles(chunks).to(dev))
+            unified = UnifiedGroup(to_device(block_table_tensor(tables), dev, torch.int32),
+                                   to_device(build_query_tiles(chunks), dev, torch.int32))
             self.cache.metadata = AttentionMetadata(slot_mapping, [], [], [], unified)
-            return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev)
+            return to_device(ids, dev), to_device(positions, dev)
         decode_rows, fresh_rows, cached = [], {}, []
         for (offset, n, start, row), table in zip(chunks, tables):
             if n == 1:
@@ -157,8 +158,8 @@ class ModelRunner:
                 num_blocks = -(-(start + n) // bs)
                 cached.append(CachedPrefillGroup(
                     torch.arange(offset, offset + n, device=dev),
-                    torch.tensor(table[:num_blocks], device=dev)[None],
-                    cached_prefill_mask(bs, start, n, num_blocks).to(dev)))
+                    to_device(table[:num_blocks], dev)[None],
+                    to_device(cached_prefill_mask(bs, start, n, num_blocks), dev, torch.bool)))
         # The Triton kernel reads only each sequence's own blocks, so one group; the gather path pads every row to
         # the group's longest, so there decodes are grouped by length (widths within 2x of each other).
         by_width: dict[int, list] = {}
@@ -168,12 +169,12 @@ class ModelRunner:
         decode = []
         for rows in by_width.values():
             offsets, seq_lens, group_tables = zip(*rows)
-            decode.append(DecodeGroup(torch.tensor(offsets, device=dev), block_table_tensor(group_tables).to(dev),
-                                      torch.tensor(seq_lens, dtype=torch.int32, device=dev)))
-        fresh = [FreshPrefillGroup(torch.tensor(offs, device=dev)[:, None] + torch.arange(n, device=dev), n)
+            group_tables = to_device(block_table_tensor(group_tables), dev, torch.int32)
+            decode.append(DecodeGroup(to_device(offsets, dev), group_tables, to_device(seq_lens, dev, torch.int32)))
+        fresh = [FreshPrefillGroup(to_device(offs, dev)[:, None] + torch.arange(n, device=dev), n)
                  for n, offs in fresh_rows.items()]
         self.cache.metadata = AttentionMetadata(slot_mapping, decode, fresh, cached)
-        return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev)
+        return to_device(ids, dev), to_device(positions, dev)
 
     def run(self, batch: ScheduledBatch) -> list[int]:
         """Run the batch; return one new token per sequence whose prompt is now fully computed, in batch order."""
@@ -193,8 +194,8 @@ class ModelRunner:
             row_of = {id(seq): row for row, seq in enumerate(previous.seqs)} if previous else {}
             if any(id(seq) not in row_of for _, seq in pending):
                 raise RuntimeError("a sequence's input token is a placeholder that no running step will fill")
-            rows = torch.tensor([row_of[id(seq)] for _, seq in pending], device=self.device)
-            fill = (torch.tensor([i for i, _ in pending], device=self.device), previous.sampled[rows])
+            rows = to_device([row_of[id(seq)] for _, seq in pending], self.device)
+            fill = (to_device([i for i, _ in pending], self.device), previous.sampled[rows])
         if self.graphs and len(ids) == len(tables) and len(ids) <= self.graphs.max_size:  # decodes only
             hidden = self.graphs.run(ids, positions, slots, tables, fill)
         elif self.mixed_graphs and len(ids) <= self.mixed_graphs.max_size:
@@ -207,7 +208,7 @@ class ModelRunner:
         sampled, logprobs = torch.empty(0, dtype=torch.long, device=self.device), None
         if sampling:
             if len(sample_index) < hidden.shape[0]:
-                hidden = hidden[torch.tensor(sample_index, device=self.device)]
+                hidden = hidden[to_device(sample_index, self.device)]
             logits = self.lm_head(hidden)
             sampled = self.sample(logits, sampling)
             if any(s.params.logprobs is not None for s in sampling):

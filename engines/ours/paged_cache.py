@@ -73,6 +73,22 @@ def block_table_tensor(tables: list[list[int]], pad: int = 0) -> torch.Tensor:
     return torch.tensor([t + [pad] * (width - len(t)) for t in tables], dtype=torch.int32)
 
 
+def host_tensor(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list (or CPU tensor) as a CPU tensor, in pinned memory when it is bound for a GPU. A copy from pinned
+    memory with non_blocking=True is queued on the stream like a kernel; torch.tensor(data, device="cuda") instead
+    copies from pageable memory and then synchronizes the stream, so the host would wait for every kernel already
+    queued (with async scheduling: the whole step still running)."""
+    pin = torch.device(device).type == "cuda"
+    if not isinstance(data, torch.Tensor):
+        return torch.tensor(data, dtype=dtype, pin_memory=pin)
+    return data.to(dtype).pin_memory() if pin else data.to(dtype)
+
+
+def to_device(data, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """data on `device` without waiting for the GPU (see host_tensor)."""
+    return host_tensor(data, dtype, device).to(device, non_blocking=True)
+
+
 def cached_prefill_mask(block_size: int, start: int, length: int, num_blocks: int) -> torch.Tensor:
     """bool [1, 1, length, num_blocks * block_size] for a chunk of `length` queries at positions start.."""
     query_pos = torch.arange(start, start + length)[None]

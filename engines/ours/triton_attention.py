@@ -8,8 +8,11 @@ One program per (sequence, KV head, split): it loads the GROUP query heads that 
 attention), walks its share of the sequence's tokens a tile of blocks at a time, and writes the GROUP outputs. With
 one split that is the answer; with several (small batches, where (sequence, KV head) pairs alone would leave most of
 the GPU idle) each split also writes the log of its softmax mass, and a second kernel merges the splits.
-The arithmetic is done on CUDA cores in float32 (broadcast multiply and sum, no tensor cores): a decode query is a
-single row, so the work is memory-bound and the tile loads are what matter.
+A decode query is a single row per head, too thin for a matrix multiply, so the first version multiplied and summed
+on CUDA cores in float32. Those reductions (across the threads holding a tile) turned out to be the bottleneck, not
+the loads: padding the group's query heads to the 16 rows tl.dot needs and running both products on tensor cores
+wastes arithmetic that is free and reads 24% faster on an H200 (engines/README.md). The CUDA-core form stays for
+float32, where tensor cores would round (tests, the CPU interpreter).
 """
 from __future__ import annotations
 
@@ -21,10 +24,28 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_tile(k_pool, v_pool, table, start, hi, kv_head, t, d, stride_pb, stride_ps, stride_ph,
+               BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+    """Keys and values [TILE, D] of tokens start.. (those at or past hi masked), found through the block table."""
+    tok = start + t
+    valid = tok < hi
+    if TILE == BLOCK_SIZE:  # tiles start on a block: one table entry, one block, consecutive slots
+        block = tl.load(table + start // BLOCK_SIZE, mask=start < hi, other=0).to(tl.int64)
+        offset = block * stride_pb + t * stride_ps + kv_head * stride_ph
+    else:
+        block = tl.load(table + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        offset = block * stride_pb + (tok % BLOCK_SIZE) * stride_ps + kv_head * stride_ph   # [TILE]
+    k = tl.load(k_pool + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(v_pool + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    return k, v, valid
+
+
+@triton.jit
 def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables, seq_lens, out_ptr, lse_ptr, scale,
                          stride_qb, stride_qh, stride_pb, stride_ps, stride_ph, stride_tb, stride_ob, stride_oh,
-                         stride_os, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         TILE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                         stride_os, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         TILE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT: tl.constexpr,
+                         PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -33,29 +54,42 @@ def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables, seq_lens, out_ptr, lse_p
     per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), TILE) * TILE
     lo = split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
-    g = tl.arange(0, GROUP_PAD)
+    g = tl.arange(0, ROWS)
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
     head_ok = g < GROUP
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=head_ok[:, None], other=0.0)
-    q = q.to(tl.float32) * scale                                       # [GROUP_PAD, D]
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)                # running max of the scores
-    l = tl.zeros([GROUP_PAD], tl.float32)                              # running sum of exp(score - m)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)                  # running sum of exp(score - m) * v
+    if not DOT:
+        q = q.to(tl.float32) * scale                                   # [ROWS, D]
+    m = tl.full([ROWS], float("-inf"), tl.float32)                     # running max of the scores
+    l = tl.zeros([ROWS], tl.float32)                                   # running sum of exp(score - m)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)                       # running sum of exp(score - m) * v
     t = tl.arange(0, TILE)
+    table = tables + b * stride_tb
     for start in range(lo, hi, TILE):
         tok = start + t
         valid = tok < hi
-        block = tl.load(tables + b * stride_tb + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        offset = block * stride_pb + (tok % BLOCK_SIZE) * stride_ps + kv_head * stride_ph   # [TILE]
-        k = tl.load(k_pool + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)             # [GROUP_PAD, TILE]
+        if TILE == BLOCK_SIZE:  # tiles start on a block (lo is a multiple of TILE): one table entry per tile
+            block = tl.load(table + start // BLOCK_SIZE).to(tl.int64)
+            offset = block * stride_pb + t * stride_ps + kv_head * stride_ph
+        else:
+            block = tl.load(table + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            offset = block * stride_pb + (tok % BLOCK_SIZE) * stride_ps + kv_head * stride_ph   # [TILE]
+        k = tl.load(k_pool + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_pool + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if DOT:  # tensor cores: [ROWS, D] x [D, TILE], most rows padding
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale
+        else:    # CUDA cores: broadcast multiply, sum over D
+            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)     # [ROWS, TILE]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
-        v = tl.load(v_pool + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        if DOT:
+            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        else:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + pv
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
     has_keys = l > 0  # a split past the end of a short sequence saw nothing
@@ -102,15 +136,17 @@ def _multiprocessors(device_index: int) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, num_splits: int | None = None, tile: int | None = None,
-                           **launch) -> torch.Tensor:
+                           dot: bool | None = None, **launch) -> torch.Tensor:
     """One query per sequence over its paged keys/values.
 
     q: [B, H, D]; k_pool, v_pool: [num_blocks, block_size, Hkv, D]; block_tables: int [B, max_blocks];
     seq_lens: int [B], keys per sequence (>= 1; the query's own key already written). Returns [B, H, D].
     num_splits (a power of two; default: num_splits_for): with S > 1 each sequence's keys are cut into S parts
     attended by S programs at once ("flash-decoding"), then merged; at batch 1 there are only Hkv (sequence, head)
-    pairs, too few programs to keep a GPU's memory system busy. `tile` (keys per loop step) and `launch` (Triton's
-    num_warps, num_stages) override the defaults; engines/attention_bench.py sweeps them.
+    pairs, too few programs to keep a GPU's memory system busy. dot: scores and weighted values through tl.dot on
+    tensor cores, the group's query heads padded to 16 rows (default: for float16/bfloat16), else broadcast
+    multiply and sum in float32 on CUDA cores. `tile` (keys per loop step) and `launch` (Triton's num_warps,
+    num_stages) override the defaults; engines/attention_bench.py sweeps them.
     """
     b, h, d = q.shape
     assert d == triton.next_power_of_2(d), "head_dim must be a power of two"
@@ -118,24 +154,30 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     group = h // hkv
     group_pad = triton.next_power_of_2(group)
     splits = num_splits or num_splits_for(b, hkv, q.device)
-    # Keys per loop step and warps, measured (engines/attention_bench.py): on an H100, 32 keys on 2 warps read 2.8 TB/s
-    # for the 7B shape where 64 keys on 4 warps read 1.9 (results/h100/attention_bench.json; 16 was not tried); on an
-    # H200, 16 keys read 5% more than 32 for that shape (results/h200/attention_bench_7b.json), so one query head per
-    # KV head takes 16. Several query heads per KV head take up to 32 keys, so that the [GROUP_PAD, TILE, D] product
-    # stays in registers.
+    if dot is None:
+        dot = q.dtype in (torch.float16, torch.bfloat16) and d >= 16
+    # Measured with engines/attention_bench.py over 32 layers' pools (results/h200/attention_dot.json): on an H200,
+    # tensor cores with 64 keys per step on 2 warps read 4.2 TB/s for a full batch of the Llama-2-7B shape (422
+    # sequences of 256-512 keys) where CUDA cores read 3.4 at best (16 keys), and 3.2 TB/s for SmolLM2's shape where
+    # CUDA cores read 0.44-0.54: the reductions of the broadcast-and-sum form, not the loads, were the bottleneck.
+    # Without tensor cores (float32: tests, the interpreter) 16 keys, and up to 32 for several heads per KV head.
     if tile is None:
-        tile = 16 if group_pad == 1 else max(16, min(32, triton.next_power_of_2(max(8192 // (group_pad * d), 1))))
+        tile = 64 if dot else 16 if group_pad == 1 else max(16, min(32, 8192 // (group_pad * d)))
     launch.setdefault("num_warps", 2)
     q = q.contiguous()
     out = torch.empty_like(q)
     part = out[:, :, None] if splits == 1 else torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
     # With one split the kernel writes no log-mass: any tensor fills the unused argument, nothing is allocated.
     lse = part if splits == 1 else torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
+    # tl.dot takes at least 16 rows: the group's query heads padded with empty rows. Float32 inputs (tests) multiply
+    # in float32 ("ieee"), 16-bit ones on tensor cores.
+    rows = max(16, group_pad) if dot else group_pad
     _paged_decode_kernel[(b, hkv, splits)](
         q, k_pool, v_pool, block_tables, seq_lens, part, lse, d ** -0.5,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, TILE=tile, HEAD_DIM=d, NUM_SPLITS=splits, **launch)
+        GROUP=group, ROWS=rows, BLOCK_SIZE=block_size, TILE=tile, HEAD_DIM=d, NUM_SPLITS=splits, DOT=dot,
+        PRECISION="tf32" if q.dtype in (torch.float16, torch.bfloat16) else "ieee", **launch)
     if splits > 1:
         _merge_splits_kernel[(b, h)](part, lse, out, out.stride(0), out.stride(1), NUM_SPLITS=splits, HEAD_DIM=d)
     return out
