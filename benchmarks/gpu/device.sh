@@ -32,6 +32,9 @@
 # 2 part-ab -> stage; 3 part-ac -> c; then a4; then (after the tile change) 1 part-aa -> stage + the engine's GPU tests
 # (pytest -m gpu tests/test_engines_core.py tests/test_engines_core_kernels.py tests/test_engines_unified_attention.py);
 # 2 part-ab -> stage; 3 part-ac -> c7.
+# The ninth's (one H200, 2026-12-04 18:00-18:31, each call on a fresh machine unless said): a5; a6; a7; a8 (then
+# with --heads-together and --prefetch); a9; a10; then back to back on one machine: 1 part-aa -> t; 2 part-ab -> k2;
+# 3 part-ac -> c.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -132,11 +135,12 @@ case "${1:-}" in
     run attention_bench_7b 300 python -m engines.attention_bench --cases llama2-7b:256:256,llama2-7b:256:512,llama2-7b:64:256 \
       --tiles 16,32,64 --warps 2,4,8 --stages 1,2,3 --out "$OUT/attention_bench_7b.json"
     ;;
-  a5)  # the decode attention kernel: K/V pool layouts (token- or head-major), the next tile prefetched or not, on an
-      # engine-like batch (the 7B shape's 422 sequences of 256-512 keys over a full pool's 13,937 blocks); GPU tests
+  a5)  # the decode attention kernel: K/V pool layouts (token- or head-major; a prefetch variant, since removed, was
+      # swept too) on an engine-like batch (the 7B shape's 422 sequences of 256-512 keys over a full pool's 13,937
+      # blocks); GPU tests
     run gpu_tests_attention 200 python -m pytest -q -p no:cacheprovider -m gpu tests/test_engines_core_kernels.py
     run attention_layouts 400 python -m engines.attention_bench --cases llama2-7b:422:256-512,llama2-7b:256:256,\
-smollm2-135m:512:256-512 --layouts token,head --prefetch 0,1 --tiles 16,32 --warps 2,4 --stages 1,2 \
+smollm2-135m:512:256-512 --layouts token,head --tiles 16,32 --warps 2,4 --stages 1,2 \
       --pool-blocks 13937 --out "$OUT/attention_layouts.json"
     ;;
   a6)  # the kernel alone over one layer's pools, then over 32 layers' (a full engine's pools, each layer's call on
