@@ -23,7 +23,11 @@ def gathered_attention(q, k_pool, v_pool, tables, seq_lens):
     return torch.stack(outs)
 
 
-def check_kernel(heads: int, kv_heads: int, head_dim: int, block_size: int, dev: str) -> None:
+def check_kernel(heads: int, kv_heads: int, head_dim: int, block_size: int, dev: str,
+                 dtype: torch.dtype = torch.float32) -> None:
+    """Every variant in float32 against the reference to 1e-5; in a 16-bit dtype the default (tensor-core) path,
+    whose probabilities are rounded to that dtype before the second product, against the reference computed in
+    float32 from the same rounded inputs."""
     from engines.ours.triton_attention import paged_decode_attention
     g = torch.Generator().manual_seed(0)
     seq_lens = [1, 7, 3 * block_size, 3 * block_size + 1, 50]
@@ -38,6 +42,13 @@ def check_kernel(heads: int, kv_heads: int, head_dim: int, block_size: int, dev:
     v_pool = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
     q = torch.randn(len(seq_lens), heads, head_dim, generator=g)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
+    if dtype != torch.float32:
+        q, k_pool, v_pool = (t.to(dtype) for t in (q, k_pool, v_pool))
+        expected = gathered_attention(q.float(), k_pool.float(), v_pool.float(), tables, lens)
+        for splits in (1, 4):
+            out = paged_decode_attention(*[t.to(dev) for t in (q, k_pool, v_pool, tables, lens)], num_splits=splits)
+            torch.testing.assert_close(out.float().cpu(), expected, atol=2e-2, rtol=2e-2)
+        return
     expected = gathered_attention(q, k_pool, v_pool, tables, lens)
     # The same values stored head-major ([block, head, token, dim], seen through a transposed view): other strides.
     head_major = [pool.transpose(1, 2).contiguous().transpose(1, 2) for pool in (k_pool, v_pool)]
@@ -98,6 +109,7 @@ def test_triton_paged_decode_matches_plain_attention_interpreted():
 @pytest.mark.parametrize("shape", SHAPES)
 def test_triton_paged_decode_matches_plain_attention_gpu(shape):
     check_kernel(*shape, "cuda")
+    check_kernel(*shape, "cuda", torch.bfloat16)
 
 
 @pytest.mark.gpu

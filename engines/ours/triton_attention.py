@@ -24,23 +24,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_tile(k_pool, v_pool, table, start, hi, kv_head, t, d, stride_pb, stride_ps, stride_ph,
-               BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
-    """Keys and values [TILE, D] of tokens start.. (those at or past hi masked), found through the block table."""
-    tok = start + t
-    valid = tok < hi
-    if TILE == BLOCK_SIZE:  # tiles start on a block: one table entry, one block, consecutive slots
-        block = tl.load(table + start // BLOCK_SIZE, mask=start < hi, other=0).to(tl.int64)
-        offset = block * stride_pb + t * stride_ps + kv_head * stride_ph
-    else:
-        block = tl.load(table + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        offset = block * stride_pb + (tok % BLOCK_SIZE) * stride_ps + kv_head * stride_ph   # [TILE]
-    k = tl.load(k_pool + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-    v = tl.load(v_pool + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-    return k, v, valid
-
-
-@triton.jit
 def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables, seq_lens, out_ptr, lse_ptr, scale,
                          stride_qb, stride_qh, stride_pb, stride_ps, stride_ph, stride_tb, stride_ob, stride_oh,
                          stride_os, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
