@@ -104,6 +104,12 @@ def default_model_dir() -> Path:
     model.load_state_dict(gguf_model.state_dict())
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".converting-"))
+    # Some transformers versions (5.17) read the GGUF's special tokens wrong (EOS = <|im_start|>, no padding token);
+    # the generation config has the right ids, so the tokenizer takes its EOS and padding token from there.
+    gen = gguf_model.generation_config
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(gen.eos_token_id)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(gen.pad_token_id if gen.pad_token_id is not None
+                                                          else gen.eos_token_id)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)

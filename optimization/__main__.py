@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
                              "128 rows, dequantize + cuBLAS beyond). Default: triton on a GPU, torch on a CPU")
     parser.add_argument("--ppl-tokens", type=int, default=2048, help="evaluation-split tokens for perplexity")
     parser.add_argument("--gpu-hour-price", type=float, default=2.0, help="$ per machine-hour for the cost column")
-    parser.add_argument("--curve", default="0.5,1,2", help="rate multipliers of the latency-throughput curves")
+    parser.add_argument("--curve", default="0.5,1,2", help="latency-throughput curve points of the baseline and the final step, as multiples of "
+                        "each one's own throughput at rate inf")
     parser.add_argument("--preset", choices=["book"], default=None)
     parser.add_argument("--out-dir", type=Path, default=None, help="default results/<date>/")
     parser.add_argument("--workload-file", type=Path, default=None,
@@ -64,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     specs = make_workload(args.model, num_prompts, max_out, args.max_input_len, args.seed, args.random_weights,
                           args.workload_file)
     cfg = StepConfig(args.model, args.device, None if args.dtype == "auto" else args.dtype, args.random_weights,
-                     specs, [math.inf], args.max_batch_size,
-                     args.quant or ("rtn" if args.random_weights else "awq"), ppl_tokens=args.ppl_tokens,
+                     specs, [math.inf], max_batch_size=args.max_batch_size,
+                     quant=args.quant or ("rtn" if args.random_weights else "awq"), ppl_tokens=args.ppl_tokens,
                      int4_backend=args.int4_backend,
                      gpu_hour_price=args.gpu_hour_price, seed=args.seed)
     out_dir = args.out_dir or Path("results") / dt.date.today().isoformat()

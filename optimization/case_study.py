@@ -27,6 +27,7 @@ from benchmarks.workloads import build_workload, load_workload, save_workload
 from optimization.steps import DESCRIPTIONS, StepConfig, run_step
 
 FINAL = "tuned-batching"  # the last step of our own stack; vLLM is the comparison row
+SAME_WEIGHTS_AS_AWQ = ("paged-continuous", FINAL, "speculative")  # they serve the INT4 model awq-int4 saved
 
 
 def make_workload(model: str, num_prompts: int, max_output_len: int, max_input_len: int, seed: int,
@@ -58,35 +59,37 @@ def make_workload(model: str, num_prompts: int, max_output_len: int, max_input_l
     return specs
 
 
-def run_case_study(cfg: StepConfig, steps: list[str], out_dir: Path, curve_multipliers: list[float]) -> dict:
+def run_case_study(cfg: StepConfig, steps: list[str], out_dir: Path, curve: list[float]) -> dict:
+    """Every step in a process of its own. The baseline runs first: its throughput at rate inf is the saturation
+    rate every later step is also measured at. The baseline and the final step add their latency-throughput curves
+    (`curve`: multiples of each one's own throughput at rate inf, so each curve shows its own knee)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, quantized_path=out_dir / "int4_model.pt")
+    curve = tuple(sorted(set(curve) | {1.0}))  # 1.0: the baseline at its own saturation rate, for the P99 column
     results: dict[str, dict] = {}
-    bar = tqdm(total=len(steps) + 1, desc="case study", unit="step")
+    bar = tqdm(total=len(steps), desc="case study", unit="step")
 
-    def run(name: str, rates: list[float]) -> dict:
-        bar.set_postfix_str(f"{name} @ {', '.join(_rate(r) for r in rates)}")
-        result, rss = run_isolated(run_step, name, replace(cfg, rates=rates))
+    def run(name: str, step_cfg: StepConfig) -> dict:
+        bar.set_postfix_str(f"{name} @ {', '.join(_rate(r) for r in step_cfg.rates)}"
+                            + (f" + {len(step_cfg.curve)}-point curve" if step_cfg.curve else ""))
+        result, rss = run_isolated(run_step, name, step_cfg)
         result["peak_rss_mb"] = rss
+        bar.update(1)
         return result
 
-    base = run("baseline", [math.inf])
+    results["baseline"] = base = run("baseline", replace(cfg, rates=[math.inf], curve=curve))
     saturation = base["runs"][0]["summary"]["request_throughput"]
     if not saturation:  # every request failed: no rate to compare the steps at
         raise UserError(f"the baseline completed no request; first error: {base['runs'][0]['errors'][:1]}")
-    bar.update(1)
-    curve = [m * saturation for m in curve_multipliers]
-    more = run("baseline", sorted(set(curve) | {saturation}))
-    base["runs"] += more["runs"]
-    base["peak_rss_mb"] = max(base["peak_rss_mb"], more["peak_rss_mb"])
-    results["baseline"] = base
-    bar.update(1)
     for name in steps:
         if name == "baseline":
             continue
-        rates = [math.inf] + (sorted(set(curve) | {saturation}) if name == FINAL else [saturation])
-        results[name] = run(name, rates)
-        bar.update(1)
+        step_cfg = replace(cfg, rates=[math.inf, saturation], curve=curve if name == FINAL else ())
+        awq_ppl = results.get("awq-int4", {}).get("perplexity")
+        reuse = name in SAME_WEIGHTS_AS_AWQ and awq_ppl is not None  # the same INT4 file: the same perplexity
+        results[name] = run(name, replace(step_cfg, ppl_tokens=0) if reuse else step_cfg)
+        if reuse and "skipped" not in results[name]:
+            results[name].update(perplexity=awq_ppl, perplexity_of="awq-int4")
     bar.close()
     report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
               "config": {k: v for k, v in asdict(cfg).items() if k not in ("specs", "quantized_path")},
@@ -134,7 +137,9 @@ def table_rows(report: dict) -> list[dict]:
             continue
         inf, at_sat = run_at(res, math.inf), run_at(res, sat)
         quality = f"ppl {res['perplexity']:.3f}" if res.get("perplexity") else ""
-        if name in ("paged-continuous", FINAL, "speculative") and "awq-int4" in steps:
+        if res.get("perplexity_of"):
+            quality += f" ({res['perplexity_of']}'s weights)"
+        if name in SAME_WEIGHTS_AS_AWQ and "awq-int4" in steps:
             quality = (quality + "; " if quality else "") + identical_greedy(res, steps["awq-int4"]) + " vs awq-int4"
         memory = res["gpu_peak_mb"] if res.get("gpu_peak_mb") and not math.isnan(res["gpu_peak_mb"]) else \
             res["peak_rss_mb"]

@@ -138,3 +138,16 @@ def test_compiled_graphed_decode_equals_eager():
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     fast = generate(lm.model, [[5, 6, 7, 8, 9]], params, cuda_graph=True, compile=True).tokens
     assert fast == generate(lm.model, [[5, 6, 7, 8, 9]], params).tokens
+
+
+def test_converted_tokenizer_ends_and_pads_with_the_models_eos():
+    """The GGUF conversion takes EOS and padding from the generation config: transformers 5.17 read the GGUF's
+    special tokens as EOS = <|im_start|> and no padding token, which broke batched transformers generation."""
+    from transformers import GenerationConfig
+
+    from core.loading import default_model_dir, load_tokenizer
+
+    gen = GenerationConfig.from_pretrained(default_model_dir())
+    tok = load_tokenizer(None)
+    assert tok.eos_token_id == gen.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.pad_token_id == gen.pad_token_id

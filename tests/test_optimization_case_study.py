@@ -91,3 +91,35 @@ def test_triton_int4_backend_without_a_gpu_is_one_clear_error():
                          capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr.strip().startswith("error: --int4-backend triton") and "Traceback" not in run.stderr
+
+
+def test_case_study_pipeline_curves_and_shared_perplexity(tmp_path, monkeypatch):
+    """The whole pipeline on the default model at toy sizes, each step in this process (run_isolated stubbed):
+    the baseline and the final step trace curves around their own capacity, every step is also measured at the
+    baseline's saturation rate, and the steps that serve awq-int4's file report its perplexity, not a new one."""
+    import optimization.case_study as cs
+    from optimization.steps import StepConfig
+
+    calls = []
+
+    def in_process(fn, name, cfg):
+        calls.append((name, cfg.rates, cfg.curve, cfg.ppl_tokens))
+        return fn(name, cfg), 1.0
+
+    monkeypatch.setattr(cs, "run_isolated", in_process)
+    specs = make_workload("smollm2-135m", 3, 4, 48, seed=0)
+    cfg = StepConfig("smollm2-135m", "cpu", None, False, specs, [math.inf], max_batch_size=2, quant="rtn",
+                     ppl_tokens=128, tuning=[(2, 128), (4, 256)])
+    report = cs.run_case_study(cfg, ["baseline", "awq-int4", "tuned-batching"], tmp_path, [0.5, 2])
+    sat = report["saturation_rate"]
+    assert [c[0] for c in calls] == ["baseline", "awq-int4", "tuned-batching"]
+    assert calls[1][1] == [math.inf, sat] and calls[1][2] == () and calls[2][3] == 0 < calls[1][3]
+    for name in ("baseline", "tuned-batching"):
+        runs = report["steps"][name]["runs"]
+        own = runs[0]["summary"]["request_throughput"]
+        curve = [r["request_rate"] for r in runs if r["request_rate"] not in (math.inf, sat)]
+        assert curve == [m * own for m in (0.5, 1.0, 2.0) if m * own != sat]
+        assert all(r["summary"]["completed"] == 3 for r in runs)
+    assert report["steps"]["tuned-batching"]["perplexity"] == report["steps"]["awq-int4"]["perplexity"] > 1
+    table = cs.write_report(report, tmp_path)
+    assert "(awq-int4's weights)" in table and (tmp_path / "latency_throughput.png").exists()

