@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> None:
                              "128 rows, dequantize + cuBLAS beyond). Default: triton on a GPU, torch on a CPU")
     parser.add_argument("--ppl-tokens", type=int, default=2048, help="evaluation-split tokens for perplexity")
     parser.add_argument("--gpu-hour-price", type=float, default=2.0, help="$ per machine-hour for the cost column")
-    parser.add_argument("--curve", default="0.5,1,2", help="latency-throughput curve points of the baseline and the final step, as multiples of "
-                        "each one's own throughput at rate inf")
+    parser.add_argument("--curve", default="0.5,1,2",
+                        help="latency-throughput curve points of the baseline and the final step, as multiples of "
+                             "each one's own throughput at rate inf")
     parser.add_argument("--preset", choices=["book"], default=None)
     parser.add_argument("--out-dir", type=Path, default=None, help="default results/<date>/")
     parser.add_argument("--workload-file", type=Path, default=None,
