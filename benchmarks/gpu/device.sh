@@ -35,8 +35,11 @@
 # The ninth's (one H200, 2026-12-04 18:00-18:31, each call on a fresh machine unless said): a5; a6; a7; a8 (then
 # with --heads-together and --prefetch); a9; a10; then back to back on one machine: 1 part-aa -> t; 2 part-ab -> k2;
 # 3 part-ac -> c.
-# The tenth's (one H100, 2026-12-05): 1 part-aa wheels workload-1024x512.json -> stage; 2 part-ab -> stage;
-# 3 part-ac sharegpt-00 sharegpt-01 -> stage; 4 smollm2-aa -> stage; 5 smollm2-ab -> o1; 6 -> o2.
+# The tenth's (H100s, 2026-12-05), planned: 1 part-aa wheels workload-1024x512.json -> stage; 2 part-ab -> stage;
+# 3 part-ac sharegpt-00 sharegpt-01 -> stage; 4 smollm2-aa -> stage; 5 smollm2-ab -> o1; 6 -> o2. That machine
+# found two bugs instead (fixed), then no machine came for an hour; on the last one: 1 smollm2-aa wheels
+# workload-1024x512.json -> stage; 2 sharegpt-00 sharegpt-01 -> stage; 3 smollm2-ab ->
+# STEPS=baseline,awq-int4,paged-continuous,tuned-batching o1.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
