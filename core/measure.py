@@ -45,6 +45,8 @@ def _end_group(proc) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):  # nothing left in the group
             pass
+    if proc.is_alive():  # interrupted before it made its group, and deaf to SIGTERM
+        proc.kill()
     proc.join()
 
 

@@ -56,7 +56,8 @@ class StepConfig:
     seed: int = 0
     quantized_path: Path = Path("quantized.pt")  # where the INT4 model is saved once and reloaded by later steps
     tuning: list[tuple[int, int]] = field(default_factory=lambda: [(8, 512), (32, 1024), (64, 2048)])
-    # then multiples of the step's own throughput at rate inf (rates[0] must be inf): its latency-throughput curve
+    # measured after `rates`: multiples of the step's own throughput at rate inf (rates[0] must be inf), its
+    # latency-throughput curve
     curve: tuple[float, ...] = ()
 
 
