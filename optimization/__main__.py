@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--int4-backend", choices=["torch", "triton"], default=None,
                         help="INT4 kernels: torch (PyTorch's tinygemm and its CPU twin) or triton (GPU: our GEMM up to "
                              "128 rows, dequantize + cuBLAS beyond). Default: triton on a GPU, torch on a CPU")
+    parser.add_argument("--float-head", action="store_true",
+                        help="keep the LM head and embedding in 16/32 bits, as AWQ checkpoints do (default: INT4)")
     parser.add_argument("--ppl-tokens", type=int, default=2048, help="evaluation-split tokens for perplexity")
     parser.add_argument("--gpu-hour-price", type=float, default=2.0, help="$ per machine-hour for the cost column")
     parser.add_argument("--curve", default="0.5,1,2",
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = StepConfig(args.model, args.device, None if args.dtype == "auto" else args.dtype, args.random_weights,
                      specs, [math.inf], max_batch_size=args.max_batch_size,
                      quant=args.quant or ("rtn" if args.random_weights else "awq"), ppl_tokens=args.ppl_tokens,
-                     int4_backend=args.int4_backend,
+                     int4_backend=args.int4_backend, int4_head=not args.float_head,
                      gpu_hour_price=args.gpu_hour_price, seed=args.seed)
     out_dir = args.out_dir or Path("results") / dt.date.today().isoformat()
     report = run_case_study(cfg, steps, out_dir, [float(x) for x in args.curve.split(",")])

@@ -50,6 +50,7 @@ class StepConfig:
     max_batch_size: int = 8
     quant: str = "awq"  # awq or rtn (random weights: calibration means nothing)
     int4_backend: str = "torch"  # Int4Linear backend: torch (tinygemm / its CPU twin) or triton (GPU: our GEMM)
+    int4_head: bool = True  # LM head and embedding INT4 too (g32; GPTQ for the head after AWQ), not 16-bit
     calib_samples: int = 16
     ppl_tokens: int = 4096
     gpu_hour_price: float = 2.0
@@ -109,16 +110,21 @@ def _quantized_model(cfg: StepConfig, dtype: str) -> tuple[LoadedModel, str]:
     """The INT4 model every step after the baseline serves. AWQ runs once and later steps reload its result from
     cfg.quantized_path; RTN is redone each time."""
     from quantization.awq import awq_model
+    from quantization.gptq import gptq_embeddings
     from quantization.layerwise import calibration_ids
-    from quantization.linear import pick_group_size, quantize_model, set_backend
+    from quantization.linear import HEAD_GROUP_SIZE, pick_group_size, quantize_embeddings, quantize_model, set_backend
 
     lm = load_model(cfg.model, cfg.device, dtype, cfg.random_weights)
     group = pick_group_size(lm.model, 0)
     method = "rtn" if cfg.quant == "rtn" else "awq"
     notes = (f"RTN INT4 g{group}" if method == "rtn" else
              f"AWQ INT4 g{group}, {cfg.calib_samples}x256 calibration tokens")
+    if cfg.int4_head:
+        notes += f"; LM head and embedding INT4 g{HEAD_GROUP_SIZE} ({'RTN' if method == 'rtn' else 'GPTQ'})"
     if method == "rtn":  # cheap and deterministic: redone in every step rather than saved
         quantize_model(lm.model, "int4", group)
+        if cfg.int4_head:
+            quantize_embeddings(lm.model)
     elif cfg.quantized_path.exists():
         lm.model = torch.load(cfg.quantized_path, map_location=resolve_device(cfg.device), weights_only=False)
     else:
@@ -126,7 +132,10 @@ def _quantized_model(cfg: StepConfig, dtype: str) -> tuple[LoadedModel, str]:
         # A coarse grid (10 points) searched on 4 samples keeps a CPU run short; every sample still flows through the
         # layers. On the 2-core CI VM (2026-12-05) that took 48 s against 116 s for 20 points on 8 samples, with
         # perplexity 4.577 against 4.585 on 2,048 evaluation tokens: no worse.
-        awq_model(lm.model, ids.to(next(lm.model.parameters()).device), group, n_grid=10, search_samples=4)
+        ids = ids.to(next(lm.model.parameters()).device)
+        awq_model(lm.model, ids, group, n_grid=10, search_samples=4)
+        if cfg.int4_head:
+            gptq_embeddings(lm.model, ids)
         torch.save(lm.model, cfg.quantized_path)
     # "torch": PyTorch's packed INT4 kernels (tinygemm on CUDA, its twin on CPU), fastest at one row; "triton" (GPU):
     # our tensor-core GEMM up to 128 rows (3-6x faster than tinygemm at 64-256 rows per projection on an H100,

@@ -60,6 +60,9 @@ def layer_tensors(layer: torch.nn.Module, index: int) -> dict[str, torch.Tensor]
 
 
 def outer_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    if not isinstance(model.embed_tokens, torch.nn.Embedding):
+        raise UserError("the AWQ format keeps the embedding and LM head in 16 bits: export a model whose head was "
+                        "not quantized (quantize_embeddings)")
     out = {"model.embed_tokens.weight": model.embed_tokens.weight.detach().to(torch.float16),
            "model.norm.weight": model.norm.weight.detach().to(torch.float16)}
     if not model.config.tie_word_embeddings:

@@ -23,7 +23,7 @@ from torch import nn
 from core.__main__ import add_model_args
 from core.errors import cli
 from quantization.layerwise import LayerInputs, calibration_ids, observe_inputs, quantize_layer_by_layer
-from quantization.linear import LAYER_LINEARS, Int4Linear, set_module
+from quantization.linear import HEAD_GROUP_SIZE, LAYER_LINEARS, Int4Linear, quantize_embeddings, set_module
 from quantization.rtn import int4_params, int4_params_mse
 
 OBSERVERS = {"minmax": int4_params, "mse": int4_params_mse}  # how a group's scale and zero point are chosen
@@ -125,6 +125,19 @@ def gptq_model(model: nn.Module, ids: torch.Tensor, group_size: int = 128, symme
     quantize_layer_by_layer(model, ids, lambda layer, inp: gptq_layer(
         layer, inp, group_size, symmetric, damp_percent, act_order, batch_size, observer), "GPTQ", batch_size)
     return model
+
+
+@torch.no_grad()
+def gptq_embeddings(model: nn.Module, ids: torch.Tensor, group_size: int = HEAD_GROUP_SIZE,
+                    batch_size: int = 8) -> nn.Module:
+    """INT4 LM head by GPTQ (and the input embedding: the same rows if tied), in place, after the layers.
+
+    The head's inputs are the final normalised hidden states of the calibration ids, taken from the model as it is
+    now (layers already quantized). On SmolLM2 after AWQ, GPTQ g32 cost 3% perplexity where round-to-nearest g32
+    cost 8% (README)."""
+    X = torch.cat([model.hidden_states(batch) for batch in ids.split(batch_size)]).flatten(0, 1).float()
+    H = 2 * X.T @ X / len(X)
+    return quantize_embeddings(model, group_size, head_rounding=lambda w: gptq_quantize(w, H, group_size))
 
 
 def add_calibration_args(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,8 @@ from quantization.packing import pack_int4, unpack_int4
 from quantization.rtn import dequantize_int4, quantize_int4, quantize_int8
 
 BACKENDS = ("dequant", "torch", "triton")
-# Projections of a decoder layer; embeddings and the LM head stay in float (as AutoAWQ and GPTQ checkpoints do).
+# Projections of a decoder layer; embeddings and the LM head stay in float (as AutoAWQ and GPTQ checkpoints keep
+# them) unless quantize_embeddings is called.
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -164,6 +165,24 @@ class Int4Linear(nn.Module):
         self.qweight = torch.empty(0, dtype=torch.uint8, device=self.qweight.device)
 
 
+class Int4Embedding(nn.Module):
+    """An embedding table kept as INT4 rows in an Int4Linear's layout (row = token, group-wise along the hidden size):
+    a lookup gathers the packed rows of the ids and dequantizes only those. With tied embeddings `table` is the LM
+    head itself, so the one packed copy serves both; its own forward is never called from here."""
+
+    def __init__(self, table: Int4Linear, dtype: torch.dtype):
+        super().__init__()
+        self.table, self.dtype = table, dtype
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = self.table
+        codes = unpack_int4(t.qweight[ids]).to(self.dtype)  # [..., K]
+        codes = codes.view(*ids.shape, -1, t.group_size)
+        w = (codes - t.zeros[ids].to(self.dtype)[..., None]) * t.scales[ids].to(self.dtype)[..., None]
+        return w.flatten(-2)
+
+
 QUANTIZED = (Int8Linear, Int4Linear)
 
 
@@ -187,6 +206,30 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, symmetr
     for layer in model.layers:
         for name in LAYER_LINEARS:
             set_module(layer, name, quantize_linear(layer.get_submodule(name), method, group_size, symmetric))
+    return model
+
+
+HEAD_GROUP_SIZE = 32  # every logit reads the LM head: finer groups than the layers' (GPTQ g32 vs g64: README)
+
+
+@torch.no_grad()
+def quantize_embeddings(model: nn.Module, group_size: int = HEAD_GROUP_SIZE, symmetric: bool = False,
+                        head_rounding=None) -> nn.Module:
+    """INT4 for the LM head and the input embedding, in place; a tied pair stays one packed copy.
+
+    Checkpoint formats (AutoAWQ, GPTQ) keep both in 16 bits, which caps a 4-bit model's weight saving: the tied
+    49k x 576 table is half of SmolLM2 after AWQ. `head_rounding(weight) -> (codes, scales, zeros)` rounds the head
+    (round-to-nearest if None; gptq.gptq_embeddings passes GPTQ); an untied input embedding, which feeds no matmul,
+    is rounded to nearest."""
+    tied = model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+    dtype = model.embed_tokens.weight.dtype
+    rounding = head_rounding or (lambda w: quantize_int4(w, group_size, symmetric))
+    head = Int4Linear.from_codes(*rounding(model.lm_head.weight.detach()), dtype=dtype)
+    table = head
+    if not tied:
+        table = Int4Linear.from_codes(*quantize_int4(model.embed_tokens.weight.detach(), group_size, symmetric),
+                                      dtype=dtype)
+    model.lm_head, model.embed_tokens = head, Int4Embedding(table, dtype)
     return model
 
 

@@ -296,3 +296,19 @@ def test_compiled_layers_equal_plain_generation():
     llm = LLM(lm, block_size=4, num_kv_blocks=64, max_model_len=48, max_num_seqs=4, torch_compile=True)
     assert run_staggered(llm, {0: prompts[:2], 3: prompts[2:]}, params) == expected
     assert_pool_full(llm)
+
+
+@pytest.mark.parametrize("layers_too", [False, True])
+def test_int4_lm_head_and_embedding_serve_as_the_model_computes(layers_too):
+    """The case study's INT4 model (quantization.linear): the engine's CPU paths (fused or not, the LM head left to
+    the quantized module) give the plain model's greedy tokens."""
+    from quantization.linear import quantize_embeddings, quantize_model
+
+    lm = load_model("tiny", "cpu", torch.float64, random_weights=True)
+    if layers_too:
+        quantize_model(lm.model, "int4", 32)
+    quantize_embeddings(lm.model)
+    prompts = [[random.Random(i).randrange(1000) for _ in range(5 + 3 * i)] for i in range(4)]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    llm = LLM(lm, block_size=4, num_kv_blocks=64, max_model_len=128)
+    assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == reference(lm, prompts, params)

@@ -7,9 +7,9 @@ import torch
 from core.config import ModelConfig
 from core.loading import build_random, load_model
 from quantization.awq import awq_layer, awq_model, scale_layer
-from quantization.gptq import gptq_model, gptq_quantize, hessians
+from quantization.gptq import gptq_embeddings, gptq_model, gptq_quantize, hessians
 from quantization.layerwise import calibration_ids, layer0_inputs, run_layer
-from quantization.linear import LAYER_LINEARS, Int4Linear, set_module
+from quantization.linear import LAYER_LINEARS, Int4Embedding, Int4Linear, quantize_embeddings, set_module
 from quantization.rtn import dequantize_int4, quantize_int4
 
 
@@ -85,3 +85,18 @@ def test_end_to_end_on_tiny(method):
     swapped = [type(layer.get_submodule(n)) for layer in lm.model.layers for n in LAYER_LINEARS]
     assert swapped == [Int4Linear] * len(swapped)
     assert torch.nn.functional.cosine_similarity(lm.model(ids[:1]).flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_gptq_lm_head_beats_round_to_nearest_on_the_calibration_logits(smollm):
+    ids = calibration_ids(smollm.tokenizer, 4, 128)
+    with torch.no_grad():
+        hidden = smollm.model.hidden_states(ids)
+        ref = smollm.model.lm_head(hidden)
+    errors = {}
+    for name, quantize in (("rtn", quantize_embeddings), ("gptq", lambda m: gptq_embeddings(m, ids))):
+        model = copy.deepcopy(smollm.model)
+        quantize(model)
+        assert isinstance(model.embed_tokens, Int4Embedding) and model.embed_tokens.table is model.lm_head  # tied
+        with torch.no_grad():
+            errors[name] = (model.lm_head(hidden) - ref).pow(2).mean().item()
+    assert errors["gptq"] < 0.8 * errors["rtn"]

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from quantization import packing
-from quantization.linear import Int4Linear, Int8Linear, quantize_model, set_backend, weight_bytes
+from quantization.linear import (Int4Embedding, Int4Linear, Int8Linear, quantize_embeddings, quantize_model,
+                                 set_backend, weight_bytes)
 from quantization.rtn import (dequantize_int4, dequantize_int8, int4_params, int4_params_mse, quantize_int4,
                               quantize_int4_with, quantize_int8)
 
@@ -133,6 +134,32 @@ def test_quantize_model_swaps_every_projection_and_shrinks_it():
     assert torch.nn.functional.cosine_similarity(model(ids).flatten(), ref.flatten(), dim=0) > 0.99
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_int4_embeddings_are_the_dequantized_rows_and_a_tied_pair_is_one_copy(tied):
+    import dataclasses
+
+    from core.loading import build_random
+    from core.registry import REGISTRY
+
+    cfg = dataclasses.replace(REGISTRY["tiny"].config, tie_word_embeddings=tied)
+    model = build_random(cfg, torch.device("cpu"), torch.float32)
+    table, head = model.embed_tokens.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    before = weight_bytes(model)
+    quantize_embeddings(model, group_size=32)
+    assert isinstance(model.embed_tokens, Int4Embedding) and isinstance(model.lm_head, Int4Linear)
+    assert (model.embed_tokens.table is model.lm_head) == tied
+    rows = model.embed_tokens.table.dequantized_weight()
+    assert torch.equal(model.embed_tokens(ids), rows[ids])  # the lookup dequantizes exactly the gathered rows
+    assert (rows - table).abs().max() < 0.6 * (table.abs().max() / 7)  # within a step of the original
+    x = torch.randn(3, cfg.hidden_size)
+    assert torch.allclose(model.lm_head(x), x @ model.lm_head.dequantized_weight().T, atol=1e-5)
+    assert not torch.equal(model.lm_head.dequantized_weight(), head)
+    # 32-bit tables become 4-bit codes plus a scale and zero per 32: each table shrinks about 6x
+    table_bytes = table.numel() * 4 * (1 if tied else 2)
+    assert before - weight_bytes(model) > 0.8 * table_bytes
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls", ["int8", "int4"])
 def test_gpu_kernels_match_dequant_reference(cls):
@@ -141,5 +168,18 @@ def test_gpu_kernels_match_dequant_reference(cls):
     m = Int8Linear.from_linear(lin) if cls == "int8" else Int4Linear.from_linear(lin, 128)
     ref = x.float() @ m.dequantized_weight().float().T + lin.bias.float()
     for backend in ("dequant", "torch"):
+        m.backend = backend
+        assert (m(x).float() - ref).norm() / ref.norm() < 2e-2, backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 8, 200])  # the matrix-vector kernel, the GEMM, dequantize + cuBLAS
+def test_gpu_int4_lm_head_of_smollm2_shape_matches_dequant_reference(rows):
+    """The case study's INT4 head (49,152 x 576, groups of 32) through the Triton backend."""
+    lin = linear(576, 49152).cuda().to(torch.float16)
+    m = Int4Linear.from_linear(lin, 32)
+    x = torch.randn(rows, 576, device="cuda", dtype=torch.float16)
+    ref = x.float() @ m.dequantized_weight().float().T + lin.bias.float()
+    for backend in ("dequant", "torch", "triton"):
         m.backend = backend
         assert (m(x).float() - ref).norm() / ref.norm() < 2e-2, backend
