@@ -17,6 +17,7 @@ from core.__main__ import add_model_args
 from core.errors import UserError, cli
 from optimization.case_study import make_workload, run_case_study, write_report
 from optimization.steps import STEPS, StepConfig
+from optimization.tune import parse_settings
 
 BOOK = {"model": "llama2-70b", "num_prompts": 1000, "max_output_len": 256, "gpus": 8}
 
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
                              "128 rows, dequantize + cuBLAS beyond). Default: triton on a GPU, torch on a CPU")
     parser.add_argument("--float-head", action="store_true",
                         help="keep the LM head and embedding in 16/32 bits, as AWQ checkpoints do (default: INT4)")
+    parser.add_argument("--tuning", default="8:512,32:1024,64:2048",
+                        help="batching settings the tuned step tries, as MAX_NUM_SEQS:MAX_NUM_BATCHED_TOKENS,...")
     parser.add_argument("--ppl-tokens", type=int, default=2048, help="evaluation-split tokens for perplexity")
     parser.add_argument("--gpu-hour-price", type=float, default=2.0, help="$ per machine-hour for the cost column")
     parser.add_argument("--curve", default="0.5,1,2",
@@ -67,11 +70,12 @@ def main(argv: list[str] | None = None) -> None:
     max_out = args.max_output_len or (256 if on_gpu else 48)
     specs = make_workload(args.model, num_prompts, max_out, args.max_input_len, args.seed, args.random_weights,
                           args.workload_file)
+    tuning = parse_settings(args.tuning, "--tuning")
     cfg = StepConfig(args.model, args.device, None if args.dtype == "auto" else args.dtype, args.random_weights,
                      specs, [math.inf], max_batch_size=args.max_batch_size,
                      quant=args.quant or ("rtn" if args.random_weights else "awq"), ppl_tokens=args.ppl_tokens,
                      int4_backend=args.int4_backend, int4_head=not args.float_head,
-                     gpu_hour_price=args.gpu_hour_price, seed=args.seed)
+                     gpu_hour_price=args.gpu_hour_price, seed=args.seed, tuning=tuning)
     out_dir = args.out_dir or Path("results") / dt.date.today().isoformat()
     report = run_case_study(cfg, steps, out_dir, [float(x) for x in args.curve.split(",")])
     print(write_report(report, out_dir))

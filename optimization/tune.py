@@ -69,14 +69,14 @@ def highest_rate(make_engine, specs: list[RequestSpec], slos_ms: dict[str, float
     return {"saturation_rate": saturation, "best": ok, "tried": tried}
 
 
-def parse_settings(text: str) -> list[tuple[int, int]]:
+def parse_settings(text: str, option: str = "--settings") -> list[tuple[int, int]]:
     """'8:512,32:2048' -> [(8, 512), (32, 2048)] as (max_num_seqs, max_num_batched_tokens)."""
     try:
         settings = [tuple(int(x) for x in item.split(":")) for item in text.split(",") if item]
     except ValueError:
         settings = []
     if not settings or any(len(s) != 2 or min(s) < 1 for s in settings):
-        raise UserError(f"--settings {text!r}: expected MAX_NUM_SEQS:MAX_NUM_BATCHED_TOKENS,... e.g. 8:512,32:2048")
+        raise UserError(f"{option} {text!r}: expected MAX_NUM_SEQS:MAX_NUM_BATCHED_TOKENS,... e.g. 8:512,32:2048")
     return settings
 
 

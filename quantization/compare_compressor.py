@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         if not (f / "llmip_compressor.json").exists():
             raise UserError(f"{f} is not an output of quantization.compressor")
         infos.append(json.loads((f / "llmip_compressor.json").read_text()))
-    n, gs = infos[0]["num_layers"], infos[0]["group_size"]
-    if any(i["num_layers"] != n or i["group_size"] != gs for i in infos):
-        raise UserError("the folders differ in layer count or group size: compare like with like")
+    n, gs, first = infos[0]["num_layers"], infos[0]["group_size"], infos[0].get("first_sample", 0)
+    if any(i["num_layers"] != n or i["group_size"] != gs or i.get("first_sample", 0) != first for i in infos):
+        raise UserError("the folders differ in layer count, group size or calibration draw: compare like with like")
     samples, seq_len = (int(x) for x in infos[0]["calibration"].split(" tokens")[0].split(" x "))
 
     base = load_model("smollm2-135m", "cpu", "float32")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     windows = tokens[: len(tokens) // args.window * args.window].view(-1, args.window)
     with torch.no_grad():
         reference = torch.cat([base.model.hidden_states(w[None]) for w in windows])
-    ids = calibration_ids(base.tokenizer, samples, seq_len)
+    ids = calibration_ids(base.tokenizer, samples, seq_len, first_sample=first)
 
     ours = {"rtn": lambda m: quantize_model(m, "int4", gs),
             "gptq": lambda m: gptq_model(m, ids, gs),
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name:<28} {rows[-1]['hidden_rel_error']:.4f}", flush=True)
 
     print(f"\n{base.label}, first {n} decoder layers, INT4 g{gs} asymmetric; calibration {samples} x {seq_len} tokens "
-          f"of the calibration split; scored on {windows.numel()} tokens of the evaluation split")
+          f"of the calibration split from sample {first}; scored on {windows.numel()} tokens of the evaluation split")
     head = f"{'method':<40}{'hidden rel. error':>18}{'perplexity':>12}{'wall s':>9}{'CPU s':>9}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['quantize_cpu_s']:>9.0f}")
     if args.out:
         args.out.write_text(json.dumps({"model": base.label, "num_layers": n, "group_size": gs,
-                                        "eval_tokens": windows.numel(), "rows": rows}, indent=2))
+                                        "first_sample": first, "eval_tokens": windows.numel(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

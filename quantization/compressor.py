@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-grid", type=int, default=20, help="AWQ scale-search grid points")
     parser.add_argument("--num-calibration-samples", type=int, default=32)
     parser.add_argument("--max-seq-length", type=int, default=256)
+    parser.add_argument("--first-sample", type=int, default=0, help="calibration samples to skip (another draw)")
     parser.add_argument("--num-layers", type=int, default=0, help="keep only the first N decoder layers (0: all); "
                         "llm-compressor's GPTQ takes minutes per layer on a busy 2-core CPU")
     parser.add_argument("--output-dir", type=Path, required=True)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
 
     folder = find_model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    ids = calibration_ids(tokenizer, args.num_calibration_samples, args.max_seq_length)
+    ids = calibration_ids(tokenizer, args.num_calibration_samples, args.max_seq_length, first_sample=args.first_sample)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     overrides = {"num_hidden_layers": args.num_layers} if args.num_layers > 0 else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **overrides)
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             "group_size": args.group_size, "symmetric": False, "num_layers": model.config.num_hidden_layers,
             "actorder": actorder if args.scheme == "gptq" else None,
             "calibration": f"{len(ids)} x {args.max_seq_length} tokens, calibration split",
+            "first_sample": args.first_sample,
             "quantized_linears": count, "quantize_s": wall_s, "quantize_cpu_s": cpu_s}
     (args.output_dir / "llmip_compressor.json").write_text(json.dumps(info, indent=2))
     print(f"\n{info['method']} INT4 g{args.group_size} asym of {args.model}: {count} Linear layers quantized in "

@@ -17,14 +17,17 @@ from core.data import plain_text
 from core.errors import UserError
 
 
-def calibration_ids(tokenizer, num_samples: int = 32, seq_len: int = 256, split: str = "calibration"
-                    ) -> torch.Tensor:
-    """[num_samples, seq_len] token ids cut from the ShareGPT `split` (calibration by default) text."""
-    text = plain_text(split, max_chars=num_samples * seq_len * 8)
+def calibration_ids(tokenizer, num_samples: int = 32, seq_len: int = 256, split: str = "calibration",
+                    first_sample: int = 0) -> torch.Tensor:
+    """[num_samples, seq_len] token ids cut from the ShareGPT `split` (calibration by default) text, starting
+    `first_sample` samples in (another draw of the same size, to see how much a result owes to the draw)."""
+    end = (first_sample + num_samples) * seq_len
+    text = plain_text(split, max_chars=end * 8)
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    if len(ids) < num_samples * seq_len:
-        raise UserError(f"the {split} split gives {len(ids)} tokens, fewer than {num_samples} x {seq_len}")
-    return ids[: num_samples * seq_len].view(num_samples, seq_len)
+    if len(ids) < end:
+        raise UserError(f"the {split} split gives {len(ids)} tokens, fewer than {first_sample} + {num_samples} "
+                        f"samples of {seq_len}")
+    return ids[first_sample * seq_len: end].view(num_samples, seq_len)
 
 
 @dataclass

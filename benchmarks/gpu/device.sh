@@ -264,9 +264,10 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     ;;
   o2)  # the case study on the Llama-2-7B shape, every step (or STEPS=a,b,...), with the engine as it now is (async
       # scheduling, tensor-core decode attention); the first 64 requests of the saved workload, as stages d and d2
+    # PROMPTS=256 TUNING=64:2048,128:4096,256:8192 lets the tuned step batch past 64 sequences.
     run case_7b_all 590 python -m optimization --model llama2-7b --random-weights --device cuda \
-      --workload-file "$WORKLOAD" --num-prompts 64 --max-output-len 128 --curve 1 --out-dir "$OUT/case_7b_all" \
-      ${STEPS:+--steps $STEPS}
+      --workload-file "$WORKLOAD" --num-prompts ${PROMPTS:-64} --max-output-len 128 --curve 1 \
+      --out-dir "$OUT/case_7b_all" ${STEPS:+--steps $STEPS} ${TUNING:+--tuning $TUNING}
     ;;
   g)  # where a decode step's time goes; torch.compile of the decode step (core.generate) and of our engine's layers
     run profile_7b 150 python -m engines.profile_decode --model llama2-7b --random-weights \
