@@ -118,3 +118,10 @@ def test_parse_layers():
     for bad in ["0", "31", "5-3", "2,1", "a", "0-30"]:
         with pytest.raises(UserError):
             parse_layers(bad, 30)
+
+
+def test_verify_cost_times_every_pass_size(tiny):
+    from speculative.verify_cost import pass_times
+
+    times = pass_times(tiny.model, [1, 5], context=16, steps=2, repeats=1)
+    assert list(times) == [1, 5] and all(t > 0 for t in times.values())

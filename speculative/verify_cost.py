@@ -1,0 +1,76 @@
+"""What one verification pass costs: the time of a forward of T tokens against a plain decode step (T = 1).
+
+Every method in this chapter trades one target pass per token for one pass of 1 + k tokens (a draft chain, a Medusa
+tree, a lookahead window) that emits `tokens per pass` tokens. So its speed-up is at most
+
+    tokens per pass / (cost of a T-token pass / cost of a 1-token pass)
+
+before any proposal cost. On a GPU at batch 1 a pass of a few dozen tokens costs about what one token costs (the
+weights are read once either way); on a CPU it does not, and this script measures by how much.
+
+    python -m speculative.verify_cost                    # default model, this CPU
+    python -m speculative.verify_cost --sizes 1,5,20 --out cost.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from core.__main__ import add_model_args
+from core.errors import cli
+from core.loading import load_model
+from speculative.common import RollbackKVCache, forward
+
+
+@torch.inference_mode()
+def pass_times(model, sizes: list[int], context: int = 200, steps: int = 12, repeats: int = 3) -> dict[int, float]:
+    """Median seconds of a forward of T tokens after `context` cached tokens, for each T in sizes (the cache is
+    rolled back after each pass, as after a fully rejected draft, so every pass sees the same context length)."""
+    prompt = list(range(100, 100 + context))
+    times = {}
+    for T in sizes:
+        samples = []
+        for _ in range(repeats):
+            cache = RollbackKVCache.for_model(model, 1, context + steps + max(sizes) + 1)
+            forward(model, cache, prompt, 0)
+            for i in range(steps):
+                t0 = time.perf_counter()
+                forward(model, cache, list(range(T)), context + i)
+                samples.append(time.perf_counter() - t0)
+                cache.truncate(context + i + 1)  # keep one token: the next pass starts one position later
+        times[T] = statistics.median(samples)
+    return times
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m speculative.verify_cost", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--sizes", default="1,2,3,5,9,20,33",
+                        help="tokens per pass (5 = Medusa's chain of 4, 20 = its default tree of 19 + 1)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = sorted({1, *(int(s) for s in args.sizes.split(","))})
+    lm = load_model(args.model, args.device, args.dtype, args.random_weights)
+    device = next(lm.model.parameters()).device
+    times = pass_times(lm.model, sizes)
+    print(f"{lm.label} on {device}, batch 1, 200 cached tokens; median of 36 passes each")
+    print(f"{'tokens per pass':>16}{'ms':>10}{'x a 1-token step':>18}")
+    for T, s in times.items():
+        print(f"{T:>16}{s * 1e3:>10.2f}{s / times[1]:>18.2f}")
+    if args.out:
+        args.out.write_text(json.dumps({"model": lm.label, "device": str(device), "threads": torch.get_num_threads(),
+                                        "seconds": {str(T): s for T, s in times.items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
