@@ -168,19 +168,18 @@ class Int4Linear(nn.Module):
 class Int4Embedding(nn.Module):
     """An embedding table kept as INT4 rows in an Int4Linear's layout (row = token, group-wise along the hidden size):
     a lookup gathers the packed rows of the ids and dequantizes only those. With tied embeddings `table` is the LM
-    head itself, so the one packed copy serves both; its own forward is never called from here."""
+    head itself, so the one packed copy serves both; its own forward is never called from here. Rows come out in
+    the table's scale dtype, exactly as `table.dequantized_weight()[ids]`."""
 
-    def __init__(self, table: Int4Linear, dtype: torch.dtype):
+    def __init__(self, table: Int4Linear):
         super().__init__()
-        self.table, self.dtype = table, dtype
+        self.table = table
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        t = self.table
-        codes = unpack_int4(t.qweight[ids]).to(self.dtype)  # [..., K]
-        codes = codes.view(*ids.shape, -1, t.group_size)
-        w = (codes - t.zeros[ids].to(self.dtype)[..., None]) * t.scales[ids].to(self.dtype)[..., None]
-        return w.flatten(-2)
+        t, flat = self.table, ids.reshape(-1)
+        rows = dequantize_int4(unpack_int4(t.qweight[flat]), t.scales[flat], t.zeros[flat])
+        return rows.to(t.scales.dtype).view(*ids.shape, -1)
 
 
 QUANTIZED = (Int8Linear, Int4Linear)
@@ -229,7 +228,7 @@ def quantize_embeddings(model: nn.Module, group_size: int = HEAD_GROUP_SIZE, sym
     if not tied:
         table = Int4Linear.from_codes(*quantize_int4(model.embed_tokens.weight.detach(), group_size, symmetric),
                                       dtype=dtype)
-    model.lm_head, model.embed_tokens = head, Int4Embedding(table, dtype)
+    model.lm_head, model.embed_tokens = head, Int4Embedding(table)
     return model
 
 
