@@ -59,9 +59,10 @@ def _weights(packed, z, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype: 
     return (w - zero) * s.to(dtype)
 
 
-@triton.jit
-def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+@triton.jit(do_not_specialize=["M", "SPLIT"])  # one compiled kernel for every row count and split
+def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, SPLIT, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_GROUPS: tl.constexpr,
+                      PRECISION: tl.constexpr):
     # Axis 0 (the M tiles) is launched fastest, so the programs running together share a weight tile: it comes
     # from DRAM once and from L2 for the other row tiles.
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -75,9 +76,15 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, GROUP: tl.cons
         k0 = t * BLOCK_K
         xt = tl.load(x_tile + k0, mask=m_ok[None, :], other=0.0)
         packed = tl.load(w_tile + k0 // 2, mask=n_ok[:, None], other=0)
-        g = k0 // GROUP  # the tile's one group: K is a multiple of GROUP, GROUP of BLOCK_K, so no K masks
-        s = tl.load(s_ptr + sz + g, mask=n_ok[:, None], other=0.0)
+        # The tile's groups (BLOCK_K divides K, and GROUP divides BLOCK_K or BLOCK_K divides GROUP: no K masks).
+        g = k0 // GROUP + tl.arange(0, TILE_GROUPS)[None, :]
+        s = tl.load(s_ptr + sz + g, mask=n_ok[:, None], other=0.0)  # [BLOCK_N, TILE_GROUPS]
         z = tl.load(z_ptr + sz + g, mask=n_ok[:, None], other=0)
+        if TILE_GROUPS > 1:  # a wide tile spans several groups: each group's scale and zero over its columns
+            s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, TILE_GROUPS, BLOCK_K // TILE_GROUPS)),
+                           (BLOCK_N, BLOCK_K))
+            z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, TILE_GROUPS, BLOCK_K // TILE_GROUPS)),
+                           (BLOCK_N, BLOCK_K))
         w = _weights(packed, z, s, BLOCK_N, BLOCK_K, x_ptr.dtype.element_ty)
         acc = tl.dot(w, xt, acc, input_precision=PRECISION)
     y = y_ptr + tl.program_id(2) * M * N + m[None, :] * N + n[:, None]  # SPLIT > 1: float32 partial sums [SPLIT, M, N]
@@ -98,10 +105,12 @@ def _int4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.conste
     tl.store(out_ptr + n[:, None] * K + k0 + tl.arange(0, BLOCK_K)[None, :], w, mask=n_ok)
 
 
-def k_tile(group_size: int, max_k: int = 128) -> int:
-    """The largest K tile up to max_k that divides the group, so that a tile has one scale and zero per channel; a
-    dot needs a depth of at least 16 (and BLOCK_K / 2 bytes >= 16)."""
-    block_k = next((bk for bk in (128, 64, 32) if bk <= max_k and group_size % bk == 0), None)
+def k_tile(group_size: int, max_k: int = 128, K: int | None = None) -> int:
+    """The largest K tile up to max_k (a power of two, 32 or more: a dot needs a depth of 16, and BLOCK_K / 2
+    bytes >= 16) that divides K and either divides the group, so that a tile has one scale and zero per channel, or
+    is a multiple of it, so that it holds whole groups."""
+    block_k = next((bk for bk in (1024, 512, 256, 128, 64, 32) if bk <= max_k and (K is None or K % bk == 0)
+                    and (group_size % bk == 0 or (K is not None and bk % group_size == 0))), None)
     if block_k is None:
         raise ValueError(f"the Triton INT4 kernels take group sizes that are multiples of 32 (got {group_size})")
     return block_k
@@ -124,13 +133,14 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     return out
 
 
-# (up to rows, BLOCK_M, BLOCK_N, BLOCK_K at most, num_warps, num_stages), measured on an H100 (gemm_bench.py).
-# BLOCK_N is the tensor-core instruction's M side, 64 rows per 4 warps; BLOCK_M, its N side, can be as small as 16,
-# so a few rows waste little of the instruction. Few rows: reading W is the cost, and a program per 64 channels
-# leaves SMs idle (64 programs for N = 4096 on 132 SMs), hence split-K below. Many rows: tall x tiles, so each
-# unpacked weight tile serves more rows (the unpacking, not the dot, is what grows with M / BLOCK_M).
-TILES = ((16, 16, 64, 128, 4, 4), (32, 32, 64, 128, 4, 4), (128, 64, 64, 128, 4, 3), (512, 128, 64, 128, 4, 3),
-         (None, 256, 128, 64, 8, 3))
+# (up to rows, BLOCK_M, BLOCK_N, BLOCK_K at most, num_warps, num_stages), from gemm_tiles.py's sweep on an H100
+# over Llama-2-7B's four fused projections (results/h100/gemm_tiles.json; rows 17-32 were not swept). BLOCK_N is
+# the tensor-core instruction's M side, 64 rows per 4 warps; BLOCK_M, its N side, can be as small as 16, so a few
+# rows waste little of the instruction. Few rows: reading W is the cost, so wide K tiles (more bytes in flight per
+# program), and split-K below, as a program per 64 channels leaves SMs idle (64 programs for N = 4096 on 132 SMs).
+# Many rows: tall x tiles and wide channel tiles, so each unpacked weight tile serves more rows (the unpacking, not
+# the dot, is what grows with M / BLOCK_M).
+TILES = ((16, 16, 64, 256, 4, 4), (32, 32, 64, 256, 4, 4), (64, 64, 128, 256, 8, 4), (None, 128, 128, 256, 8, 2))
 
 
 @functools.lru_cache
@@ -138,9 +148,23 @@ def _sm_count(device: torch.device) -> int:  # on a CPU (the interpreter tests) 
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
+@functools.lru_cache
+def _shared_memory(device: torch.device) -> int:  # bytes a program may use: 227 KiB on an H100, 99 KiB on an RTX 4090
+    if device.type != "cuda":
+        return 1 << 30
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
 def block_config(M: int, N: int, K: int, group_size: int, device: torch.device) -> dict:
     _, block_m, block_n, max_k, warps, stages = next(t for t in TILES if t[0] is None or M <= t[0])
-    block_k = k_tile(group_size, max_k)
+    block_k = k_tile(group_size, max_k, K)
+    # The H100's table on a GPU with less shared memory: fewer pipeline stages, then narrower K tiles, until each
+    # stage's x tile (2-byte values) and packed weight tile fit.
+    while stages * block_k * (block_m * 2 + block_n // 2) > _shared_memory(device) and (stages > 2 or block_k > 32):
+        if stages > 2:
+            stages -= 1
+        else:
+            block_k = k_tile(group_size, block_k // 2, K)
     # Split K while the tiles alone give under 4 programs per SM, up to 8 ways, and while the float32 partial sums
     # [split, M, N] stay small (split * M <= 256): on an H100, M = 16 at 8 ways and M = 64 at 4 were the fastest.
     tiles, split = triton.cdiv(M, block_m) * triton.cdiv(N, block_n), 1
@@ -151,11 +175,12 @@ def block_config(M: int, N: int, K: int, group_size: int, device: torch.device) 
 
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group_size: int, split: int | None = None) -> torch.Tensor:
+                group_size: int, split: int | None = None, config: dict | None = None) -> torch.Tensor:
     """x [M, K], qweight uint8 [N, K/2] (even k in the low nibble), scales [N, G], zeros uint8 [N, G] -> y [M, N].
 
     y = x @ W^T with W[n, k] = (q[n, k] - z[n, k // group_size]) * s[n, k // group_size], in x's dtype.
-    `split` overrides the split-K factor (the tests use it to cover both paths).
+    `split` overrides the split-K factor (the tests use it to cover both paths), `config` any of block_config's
+    entries (gemm_tiles.py sweeps them).
     """
     M, K = x.shape
     N = qweight.shape[0]
@@ -164,15 +189,19 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
                          f"scales {tuple(scales.shape)}, group size {group_size}")
     if M == 0:
         return x.new_empty(0, N)
-    config = block_config(M, N, K, group_size, x.device)
+    config = {**block_config(M, N, K, group_size, x.device), **(config or {})}
     if split is not None:
         config["SPLIT"] = split
+    block_k = config["BLOCK_K"]
+    if K % block_k or (group_size % block_k and block_k % group_size):
+        raise ValueError(f"BLOCK_K {block_k} must divide K = {K} and divide or be a multiple of the group size")
     grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]), config["SPLIT"])
     out = torch.empty(config["SPLIT"], M, N, dtype=x.dtype if config["SPLIT"] == 1 else torch.float32,
                       device=x.device)
     # float32 (the tests) multiplies in full precision: TF32 keeps 10 mantissa bits and would fail an exact check.
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     _int4_gemm_kernel[grid](x.contiguous(), qweight.contiguous(), scales.contiguous(), zeros.contiguous(), out, M,
-                            N, K, group_size, PRECISION=precision, **config)
+                            N, K, config.pop("SPLIT"), group_size, TILE_GROUPS=max(1, block_k // group_size),
+                            PRECISION=precision, **config)
     # Partial sums added in a fixed order: the same input gives the same output, bit for bit, every call.
-    return out[0] if config["SPLIT"] == 1 else out.sum(0).to(x.dtype)
+    return out[0] if grid[2] == 1 else out.sum(0).to(x.dtype)

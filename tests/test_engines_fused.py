@@ -1,5 +1,6 @@
 """Fused q|k|v and gate|up projections (engines/ours/fused_projections.py): the same function as the separate
-matmuls, the same greedy tokens from the engine, no weight held twice, and quantized models served as they are."""
+matmuls, the same greedy tokens from the engine, no weight held twice; quantized projections fused alike (codes,
+scales and zeros stacked by rows), and a layer that mixes float and quantized projections served as it is."""
 import pytest
 import torch
 
@@ -8,7 +9,7 @@ from core.generate import SamplingParams, generate
 from core.loading import build_random, load_model
 from engines.ours import LLM
 from engines.ours.fused_projections import FusedTransformer, fuse_projections
-from quantization.linear import Int8Linear
+from quantization.linear import Int4Linear, Int8Linear, quantize_model
 
 
 def random_model(attention_bias: bool) -> torch.nn.Module:
@@ -82,5 +83,34 @@ def test_quantized_projection_is_left_unfused():
     prompts = [[5, 9, 13, 200, 7], list(range(3, 30))]
     llm = LLM(lm, block_size=4, num_kv_blocks=64, max_model_len=64)
     assert llm.runner.model is lm.model and type(lm.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == \
+        [generate(lm.model, [p], params).tokens[0] for p in prompts]
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_quantized_projections_fuse(method):
+    """An INT4 (g16, asymmetric) or INT8 model: fused layers compute what the separate quantized projections do,
+    the stacked codes are the only copy, and the engine's greedy tokens equal plain generation."""
+    lm = load_model("tiny", "cpu", torch.float64, random_weights=True)
+    quantize_model(lm.model, method, group_size=16)
+    ids = torch.randint(0, 256, (2, 9))
+    codes = sum(b.numel() for b in lm.model.buffers())
+    with torch.no_grad():
+        want = lm.model(ids)
+        fused = fuse_projections(lm.model)
+        assert isinstance(fused, FusedTransformer)
+        qkv = fused.layers[0].self_attn.qkv_proj
+        assert type(qkv) is (Int4Linear if method == "int4" else Int8Linear)
+        assert qkv.out_features == sum(p.out_features for p in (lm.model.layers[0].self_attn.q_proj,
+                                       lm.model.layers[0].self_attn.k_proj, lm.model.layers[0].self_attn.v_proj))
+        torch.testing.assert_close(fused(ids), want)
+        torch.testing.assert_close(lm.model(ids), want)  # the caller's model, now over views, unchanged
+    assert sum(b.numel() for b in fused.buffers()) == codes
+    v = lm.model.layers[0].self_attn.v_proj
+    assert v.qweight.untyped_storage().data_ptr() == qkv.qweight.untyped_storage().data_ptr()
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    prompts = [[5, 9, 13, 200, 7], list(range(3, 30))]
+    llm = LLM(lm, block_size=4, num_kv_blocks=64, max_model_len=64)
+    assert isinstance(llm.runner.model, FusedTransformer)
     assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == \
         [generate(lm.model, [p], params).tokens[0] for p in prompts]

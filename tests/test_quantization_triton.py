@@ -61,14 +61,18 @@ def check_gemm(device: str = "cpu", dtype=torch.float32, tol: float = 1e-4) -> N
                       torch.randint(0, 16, scales.shape, dtype=torch.uint8, device=device)):
             qweight = pack_int4(codes)
             w = dequantize_int4(codes, scales, zeros).double()
+            # A K tile spanning several groups (each group's scale over its own columns), where K allows one.
+            wide = next(({"BLOCK_K": bk} for bk in (256, 128, 64) if bk > group and k % bk == 0), None)
             for rows in (1, 9, 33):  # M tiles of 16 and 64: ragged edges
                 x = torch.randn(rows, k, device=device).to(dtype)
                 expected = x.double() @ w.T
-                for split in (None, 1, 3):  # the table's split-K, none, and one that leaves a program no K tile
-                    got = int4_matmul(x, qweight, scales, zeros, group, split)
+                # The table's split-K, none, and one that leaves a program no K tile; then the wide tile.
+                for split, config in ((None, None), (1, None), (3, None), (2, wide)):
+                    got = int4_matmul(x, qweight, scales, zeros, group, split, config)
                     assert got.dtype == dtype and got.shape == (rows, n)
                     err = (got.double() - expected).abs().max() / expected.abs().max()
-                    assert err < tol, f"N={n} K={k} group={group} M={rows} split={split}: relative error {err:.2e}"
+                    assert err < tol, (f"N={n} K={k} group={group} M={rows} split={split} {config}: "
+                                       f"relative error {err:.2e}")
     # A wrong nibble order is far outside the bound: the same check on swapped bytes must fail.
     swapped = (qweight >> 4) | ((qweight & 0xF) << 4)
     err = (int4_matmul(x, swapped, scales, zeros, group).double() - expected).abs().max() / expected.abs().max()

@@ -14,11 +14,14 @@ the model the caller gave keeps its `q_proj`, `k_proj`, ... modules, so a chapte
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.model import MLP, Attention, DecoderLayer, Transformer
+from quantization.linear import QUANTIZED
 
 
 def stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -33,23 +36,34 @@ def stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     return first.as_strided((sum(len(t) for t in tensors), *first.shape[1:]), first.stride())
 
 
-def stack_linears(parts: list[nn.Linear]) -> nn.Linear:
-    """One Linear whose output is the parts' outputs side by side; each part's weight (and bias) becomes a view of
-    its rows of the stacked one, so the old separate tensors are freed."""
-    weight = stack_rows([p.weight.detach() for p in parts])
-    with torch.device("meta"):  # no allocation: the parameters are assigned just below
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None)
-    grad = parts[0].weight.requires_grad
-    fused.weight = nn.Parameter(weight, requires_grad=grad)
-    if fused.bias is not None:
-        fused.bias = nn.Parameter(stack_rows([p.bias.detach() for p in parts]), requires_grad=grad)
-    start = 0
-    for p in parts:
-        rows = slice(start, start + p.out_features)
-        p.weight.data = fused.weight.data[rows]
-        if fused.bias is not None:
-            p.bias.data = fused.bias.data[rows]
-        start += p.out_features
+def stack_linears(parts: list[nn.Module]) -> nn.Module:
+    """One projection whose output is the parts' outputs side by side: an nn.Linear, or a weight-only quantized
+    Linear (quantization.linear), every tensor of which has one row per output channel (codes, scales, zeros, bias),
+    so stacking rows stacks the projections. Each part's tensors become views of its rows of the stacked ones, so
+    the old separate tensors are freed."""
+    first = parts[0]
+    fused = copy.copy(first)  # the same class and settings (group size, backend); its tensors are replaced below
+    fused._parameters, fused._buffers = dict(first._parameters), dict(first._buffers)
+    fused.out_features = sum(p.out_features for p in parts)
+    for name, tensor in [*first._parameters.items(), *first._buffers.items()]:
+        if tensor is None:
+            continue
+        stacked = stack_rows([getattr(p, name).detach() for p in parts])
+        if name in first._parameters:
+            fused._parameters[name] = nn.Parameter(stacked, requires_grad=tensor.requires_grad)
+        else:
+            fused._buffers[name] = stacked
+        start = 0
+        for p in parts:
+            rows = stacked[start:start + p.out_features]
+            if name in p._parameters:
+                p._parameters[name].data = rows
+            else:
+                p._buffers[name] = rows
+            start += p.out_features
+    for m in (fused, *parts):
+        if hasattr(m, "_kernel"):  # Int4Linear's cached tinygemm layout: of the old rows; rebuilt on first use
+            m._kernel = None
     return fused
 
 
@@ -105,13 +119,26 @@ class FusedTransformer(Transformer):
         self.train(model.training)
 
 
+def stackable(parts: list[nn.Module]) -> bool:
+    """Projections of one input that stack_linears can merge: all plain nn.Linear, or all quantized the same way
+    (class, group size, scale dtype, backend) with their own packed codes (not tinygemm's layout alone)."""
+    first = parts[0]
+    if any(type(p) is not type(first) or (p.bias is None) != (first.bias is None) for p in parts):
+        return False
+    if type(first) is nn.Linear:
+        return True
+    if not isinstance(first, QUANTIZED):
+        return False
+    return all(p.qweight.numel() and p.scales.dtype == first.scales.dtype and p.backend == first.backend
+               and getattr(p, "group_size", None) == getattr(first, "group_size", None) for p in parts)
+
+
 def can_fuse(layer: nn.Module) -> bool:
-    """Exactly core's layer with plain nn.Linear q/k/v and gate/up: a quantized projection (quantization.linear)
-    has no weight to stack, and a subclass may have changed forward."""
+    """Exactly core's layer, with stackable q/k/v and gate/up: a subclass may have changed forward."""
     if type(layer) is not DecoderLayer or type(layer.self_attn) is not Attention or type(layer.mlp) is not MLP:
         return False
     a, m = layer.self_attn, layer.mlp
-    return all(type(p) is nn.Linear for p in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj))
+    return stackable([a.q_proj, a.k_proj, a.v_proj]) and stackable([m.gate_proj, m.up_proj])
 
 
 def fuse_projections(model: Transformer) -> Transformer:

@@ -84,9 +84,9 @@ class ModelRunner:
     eagerly, for tests). use_triton: Triton attention kernels (default: on CUDA); mixed steps are graphed only with
     them. torch_compile: compile the decoder layers first (default: wherever CUDA graphs are on; it changes the
     served model in place, and the graphs then capture the compiled kernels). fuse_projections: serve a copy of the
-    model whose layers compute q|k|v and gate|up in one matmul each (fused_projections.py; models with quantized
-    projections are served as they are). The pool gets one extra block beyond the allocator's, a scratch block for
-    graph padding.
+    model whose layers compute q|k|v and gate|up in one matmul each (fused_projections.py; quantized projections too,
+    their packed codes and scales stacked by rows). The pool gets one extra block beyond the allocator's, a scratch
+    block for graph padding.
     """
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int = 2048,
