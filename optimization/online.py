@@ -57,8 +57,32 @@ def serve_static(run_batch: Callable[[list[RequestSpec]], list[RequestRecord]], 
     return records, _duration(records, t0)
 
 
-def serve_continuous(engine, specs: list[RequestSpec], arrivals: list[float]) -> tuple[list[RequestRecord], float]:
-    """Continuous batching over an engine with vLLM's step API (engines.ours.LLMEngine)."""
+def serve_continuous(engine, specs: list[RequestSpec], arrivals: list[float],
+                     slowest: list[dict] | None = None) -> tuple[list[RequestRecord], float]:
+    """Continuous batching over an engine with vLLM's step API (engines.ours.LLMEngine).
+
+    `slowest`, if given, receives the run's slowest engine steps (at most SLOWEST_KEPT), each with what else
+    happened during it (engines/stall_trace.py), and the run's totals of CUDA allocator events: where a latency
+    tail came from."""
+    if slowest is None:
+        return _serve_continuous(engine, specs, arrivals, None)
+    from engines.stall_trace import StallTrace, allocator_events
+
+    mallocs, retries = allocator_events()
+    with StallTrace().active() as trace:
+        out = _serve_continuous(engine, specs, arrivals, (trace, slowest))
+    slowest.sort(key=lambda s: -s["ms"])
+    del slowest[SLOWEST_KEPT:]
+    mallocs_after, retries_after = allocator_events()
+    slowest.append({"run_totals": True, "cuda_mallocs": mallocs_after - mallocs,
+                    "alloc_retries": retries_after - retries})
+    return out
+
+
+SLOWEST_KEPT = 8
+
+
+def _serve_continuous(engine, specs, arrivals, tracing) -> tuple[list[RequestRecord], float]:
     records: list[RequestRecord | None] = [None] * len(specs)
     index: dict[str, int] = {}
     t0, next_i = time.perf_counter(), 0
@@ -73,7 +97,15 @@ def serve_continuous(engine, specs: list[RequestSpec], arrivals: list[float]) ->
         if not engine.has_unfinished_requests():
             _wait_for(arrivals[next_i], t0)
             continue
-        for out in engine.step():
+        if tracing:
+            tracing[0].take()  # what happened between steps is not the step's
+            t = time.perf_counter()
+        outputs = engine.step()
+        if tracing:
+            tracing[1].append({"at_s": round(t - t0, 3), "ms": round((time.perf_counter() - t) * 1e3, 2),
+                               "running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting),
+                               **tracing[0].take()})
+        for out in outputs:
             if out.finished:
                 i = index.pop(out.request_id)
                 m = out.metrics

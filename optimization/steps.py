@@ -172,13 +172,18 @@ def _weights_mb(model: torch.nn.Module) -> float:
     return weight_bytes(model) / 2**20
 
 
-def _run_record(rate: float, records: list[RequestRecord], duration: float, cfg: StepConfig) -> dict:
-    """One rate's summary (vLLM's metric names, plus P50 end-to-end latency), texts and first errors."""
+def _run_record(rate: float, cfg: StepConfig, records: list[RequestRecord], duration: float,
+                slowest: list[dict] | None = None) -> dict:
+    """One rate's summary (vLLM's metric names, plus P50 end-to-end latency), texts and first errors, and for our
+    engine its slowest steps (optimization/online.py)."""
     summary = summarize(records, duration, {"ttft": 100.0, "tpot": 50.0}, cfg.gpu_hour_price)
     lat = [r.e2el_s * 1e3 for r in records if r.success]
     summary["p50_e2el_ms"] = float(torch.tensor(lat).median()) if lat else None
-    return {"request_rate": rate, "summary": summary, "texts": [r.generated_text for r in records],
-            "errors": [r.error for r in records if not r.success][:5]}
+    run = {"request_rate": rate, "summary": summary, "texts": [r.generated_text for r in records],
+           "errors": [r.error for r in records if not r.success][:5]}
+    if slowest is not None:
+        run["slowest_steps"] = slowest
+    return run
 
 
 def _serve_all(cfg: StepConfig, serve) -> list[dict]:
@@ -190,7 +195,7 @@ def _serve_all(cfg: StepConfig, serve) -> list[dict]:
     serve(warmup, [0.0] * len(warmup))
 
     def at(rate: float) -> dict:
-        return _run_record(rate, *serve(cfg.specs, arrival_times(len(cfg.specs), rate, seed=cfg.seed)), cfg)
+        return _run_record(rate, cfg, *serve(cfg.specs, arrival_times(len(cfg.specs), rate, seed=cfg.seed)))
 
     out = [at(rate) for rate in cfg.rates]
     if cfg.curve:  # around this step's own capacity, so each curve shows its own knee
@@ -247,12 +252,12 @@ def run_step(name: str, cfg: StepConfig) -> dict:
                                                                cfg.max_batch_size))
     elif name == "paged-continuous":
         engine = _engine(lm, cfg, cfg.max_batch_size, 2048)
-        runs = _serve_all(cfg, lambda specs, arr: serve_continuous(engine, specs, arr))
+        runs = _serve_all(cfg, _traced(engine))
     elif name == "tuned-batching":
         best = _tune(lm, cfg)
         notes += f"; max_num_seqs={best[0]}, max_num_batched_tokens={best[1]}"
         engine = _engine(lm, cfg, *best)
-        runs = _serve_all(cfg, lambda specs, arr: serve_continuous(engine, specs, arr))
+        runs = _serve_all(cfg, _traced(engine))
     elif name == "speculative":
         if lm.random_weights:
             return {"step": name, "skipped": "random weights: no draft would ever be accepted"}
@@ -261,6 +266,14 @@ def run_step(name: str, cfg: StepConfig) -> dict:
         raise ValueError(f"unknown step {name!r}")
     return {"step": name, "label": lm.label, "dtype": dtype, "notes": notes, "weights_mb": weights,
             "perplexity": quality, "gpu_peak_mb": gpu_peak_mb(device), "runs": runs}
+
+
+def _traced(engine):
+    """serve(specs, arrivals) over our engine -> (records, duration, its slowest steps)."""
+    def serve(specs, arrivals):
+        slowest = []
+        return (*serve_continuous(engine, specs, arrivals, slowest), slowest)
+    return serve
 
 
 def _tune(lm: LoadedModel, cfg: StepConfig) -> tuple[int, int]:
@@ -294,7 +307,7 @@ def _run_vllm(cfg: StepConfig, dtype: str) -> dict:
         t0 = time.perf_counter()
         records = backend.run_batch(cfg.specs)
         duration = max((r.start_s + r.e2el_s for r in records if r.success), default=time.perf_counter()) - t0
-        runs.append(_run_record(rate, records, duration, cfg))
+        runs.append(_run_record(rate, cfg, records, duration))
     import vllm
 
     weights = "RANDOM weights (speed only)" if cfg.random_weights else "trained weights"

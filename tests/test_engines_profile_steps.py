@@ -18,3 +18,18 @@ def test_warm_up_leaves_an_empty_engine(tiny):
     free = llm.block_manager.num_free_blocks
     llm.warm_up()
     assert not llm.has_unfinished_requests() and not llm.requests and llm.block_manager.num_free_blocks == free
+
+
+def test_stall_trace_counts_garbage_collection_and_cleans_up():
+    import gc
+
+    from engines.stall_trace import StallTrace
+
+    callbacks = list(gc.callbacks)
+    trace = StallTrace()
+    with trace.active():
+        gc.collect()
+        first = trace.take()
+        second = trace.take()
+    assert first["gc_ms"] > 0 and second == {"triton_compiles": [], "gc_ms": 0.0}  # take() resets
+    assert gc.callbacks == callbacks

@@ -60,7 +60,11 @@ def test_static_and_continuous_serving_give_the_same_greedy_tokens(tiny):
     from engines.ours import LLM
 
     engine = LLM(tiny, max_num_seqs=3, max_num_batched_tokens=64, max_model_len=128)
-    continuous, duration = serve_continuous(engine, specs, arrivals)
+    slowest = []
+    continuous, duration = serve_continuous(engine, specs, arrivals, slowest)
+    *steps, totals = slowest  # the slowest steps, slowest first, then the run's allocator totals
+    assert 0 < len(steps) <= 8 and [s["ms"] for s in steps] == sorted((s["ms"] for s in steps), reverse=True)
+    assert all(s["running"] >= 1 and "gc_ms" in s for s in steps) and totals["run_totals"]
     assert duration > 0 and all(r.success for r in static + continuous)
     assert [r.output_len for r in continuous] == [s.output_len for s in specs]
     assert [r.generated_text for r in continuous] == [r.generated_text for r in static]
