@@ -56,6 +56,13 @@ cp .device-kit/smollm2-* /root/models/ 2>/dev/null
 if [ ! -d /root/vk/site ] && [ -e /root/vk/part-aa ] && [ -e /root/vk/part-ab ] && [ -e /root/vk/part-ac ]; then
   (cd /root/vk && cat part-* | xz -d -T0 | tar xf - && rm part-*)
 fi
+# Runs with random weights need only the default model's tokenizer: .device-kit/smollm2-tok, made on a CPU machine
+# from its converted folder without the weights (an empty model.safetensors marks it converted), 3.5 MB in one call:
+#   mkdir .device-kit/smollm2-tok && cp ~/.cache/llmip/smollm2-135m/*.json* .device-kit/smollm2-tok/ &&
+#   : > .device-kit/smollm2-tok/model.safetensors
+if [ -d .device-kit/smollm2-tok ] && [ ! -e /root/.cache/llmip/smollm2-135m ]; then
+  mkdir -p /root/.cache/llmip && cp -r .device-kit/smollm2-tok /root/.cache/llmip/smollm2-135m
+fi
 GGUF=/root/models/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -e "$GGUF" ] && [ -e /root/models/smollm2-aa ] && [ -e /root/models/smollm2-ab ]; then
   cat /root/models/smollm2-a? > "$GGUF" && rm /root/models/smollm2-a?
