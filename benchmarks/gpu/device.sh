@@ -58,7 +58,7 @@ if [ ! -d /root/vk/site ] && [ -e /root/vk/part-aa ] && [ -e /root/vk/part-ab ] 
 fi
 # Runs with random weights need only the default model's tokenizer: .device-kit/smollm2-tok, made on a CPU machine
 # from its converted folder without the weights (an empty model.safetensors marks it converted), 3.5 MB in one call:
-#   mkdir .device-kit/smollm2-tok && cp ~/.cache/llmip/smollm2-135m/*.json* .device-kit/smollm2-tok/ &&
+#   mkdir .device-kit/smollm2-tok && cp ~/.cache/llmip/smollm2-135m/{*.json,*.jinja} .device-kit/smollm2-tok/ &&
 #   : > .device-kit/smollm2-tok/model.safetensors
 if [ -d .device-kit/smollm2-tok ] && [ ! -e /root/.cache/llmip/smollm2-135m ]; then
   mkdir -p /root/.cache/llmip && cp -r .device-kit/smollm2-tok /root/.cache/llmip/smollm2-135m
