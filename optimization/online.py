@@ -61,9 +61,9 @@ def serve_continuous(engine, specs: list[RequestSpec], arrivals: list[float],
                      slowest: list[dict] | None = None) -> tuple[list[RequestRecord], float]:
     """Continuous batching over an engine with vLLM's step API (engines.ours.LLMEngine).
 
-    `slowest`, if given, receives the run's slowest engine steps (at most SLOWEST_KEPT), each with what else
-    happened during it (engines/stall_trace.py), and the run's totals of CUDA allocator events: where a latency
-    tail came from."""
+    `slowest`, if given, receives the run's slowest loop turns (admitting arrivals, one engine step, handling its
+    outputs; at most SLOWEST_KEPT), each with the step's own time and what else happened during the turn
+    (engines/stall_trace.py), then the run's totals of CUDA allocator events: where a latency tail came from."""
     if slowest is None:
         return _serve_continuous(engine, specs, arrivals, None)
     from engines.stall_trace import StallTrace, allocator_events
@@ -87,6 +87,9 @@ def _serve_continuous(engine, specs, arrivals, tracing) -> tuple[list[RequestRec
     index: dict[str, int] = {}
     t0, next_i = time.perf_counter(), 0
     while next_i < len(specs) or engine.has_unfinished_requests():
+        if tracing:  # one record per loop turn: admitting arrivals, the step, handling its outputs
+            tracing[0].take()
+            t = time.perf_counter()
         new_i = _admit(arrivals, t0, next_i)
         for i in range(next_i, new_i):
             s = specs[i]
@@ -98,18 +101,19 @@ def _serve_continuous(engine, specs, arrivals, tracing) -> tuple[list[RequestRec
             _wait_for(arrivals[next_i], t0)
             continue
         if tracing:
-            tracing[0].take()  # what happened between steps is not the step's
-            t = time.perf_counter()
+            t_step = time.perf_counter()
         outputs = engine.step()
         if tracing:
-            tracing[1].append({"at_s": round(t - t0, 3), "ms": round((time.perf_counter() - t) * 1e3, 2),
-                               "running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting),
-                               **tracing[0].take()})
+            step_ms = (time.perf_counter() - t_step) * 1e3
         for out in outputs:
             if out.finished:
                 i = index.pop(out.request_id)
                 m = out.metrics
                 records[i] = RequestRecord.from_token_times(specs[i], m.arrival_time, m.token_times, out.text)
+        if tracing:
+            tracing[1].append({"at_s": round(t - t0, 3), "ms": round((time.perf_counter() - t) * 1e3, 2),
+                               "step_ms": round(step_ms, 2), "running": len(engine.scheduler.running),
+                               "waiting": len(engine.scheduler.waiting), **tracing[0].take()})
     return records, _duration(records, t0)
 
 
