@@ -61,38 +61,33 @@ def run(llm, lengths: list[tuple[int, int]], rate: float, vocab: int, seed: int 
 
     llm.runner.launch = recording_launch
     steps, nxt, start = [], 0, time.perf_counter()
-    trace = StallTrace()
-    with trace.active():
-        _serve(llm, lengths, arrivals, vocab, rng, batches, steps, trace, start)
+    with StallTrace().active() as trace:
+        while nxt < len(lengths) or llm.has_unfinished_requests():
+            now = time.perf_counter() - start
+            while nxt < len(lengths) and arrivals[nxt] <= now:
+                prompt_len, output_len = lengths[nxt]
+                prompt = [rng.randrange(10, vocab) for _ in range(prompt_len)]
+                llm.add_request(str(nxt), prompt, SamplingParams(max_tokens=output_len, ignore_eos=True))
+                nxt += 1
+            if not llm.has_unfinished_requests():
+                time.sleep(max(arrivals[nxt] - now, 0))
+                continue
+            trace.take()  # what happened between steps (adding requests, sleeping) is not the step's
+            mallocs, retries = allocator_events()
+            t0 = time.perf_counter()
+            llm.step()  # returns after the sampled tokens reached the host: the step's GPU work is done
+            ms = (time.perf_counter() - t0) * 1e3
+            mallocs_after, retries_after = allocator_events()
+            if not batches:
+                continue
+            batch = batches.pop()
+            prefill = sum(n for n in batch.num_tokens if n > 1)
+            steps.append({"kind": "with prefill" if prefill else "decode only", "ms": ms, "seqs": len(batch.seqs),
+                          "tokens": sum(batch.num_tokens), "prefill_tokens": prefill, "at_s": t0 - start,
+                          "cuda_mallocs": mallocs_after - mallocs, "alloc_retries": retries_after - retries,
+                          **trace.take()})
     llm.runner.launch = launch
     return steps
-
-
-def _serve(llm, lengths, arrivals, vocab, rng, batches, steps, trace, start):
-    nxt = 0
-    while nxt < len(lengths) or llm.has_unfinished_requests():
-        now = time.perf_counter() - start
-        while nxt < len(lengths) and arrivals[nxt] <= now:
-            prompt_len, output_len = lengths[nxt]
-            prompt = [rng.randrange(10, vocab) for _ in range(prompt_len)]
-            llm.add_request(str(nxt), prompt, SamplingParams(max_tokens=output_len, ignore_eos=True))
-            nxt += 1
-        if not llm.has_unfinished_requests():
-            time.sleep(max(arrivals[nxt] - now, 0))
-            continue
-        trace.take()  # what happened between steps (adding requests, sleeping) is not the step's
-        mallocs, retries = allocator_events()
-        t0 = time.perf_counter()
-        llm.step()  # returns after the sampled tokens reached the host: the step's GPU work is done
-        ms = (time.perf_counter() - t0) * 1e3
-        mallocs_after, retries_after = allocator_events()
-        if not batches:
-            continue
-        batch = batches.pop()
-        prefill = sum(n for n in batch.num_tokens if n > 1)
-        steps.append({"kind": "with prefill" if prefill else "decode only", "ms": ms, "seqs": len(batch.seqs),
-                      "tokens": sum(batch.num_tokens), "prefill_tokens": prefill, "at_s": t0 - start, "cuda_mallocs": mallocs_after - mallocs,
-                      "alloc_retries": retries_after - retries, **trace.take()})
 
 
 def summary(steps: list[dict]) -> dict:
@@ -109,7 +104,8 @@ def summary(steps: list[dict]) -> dict:
 
 def print_slowest(steps: list[dict], n: int = 8) -> None:
     """The n slowest steps with what happened during them."""
-    print(f"{'slowest steps':<15}{'at s':>7}{'ms':>9}{'tokens':>8}{'seqs':>6}{'gc ms':>8}{'mallocs':>9}{'retries':>8}  compiled")
+    print(f"{'slowest steps':<15}{'at s':>7}{'ms':>9}{'tokens':>8}{'seqs':>6}{'gc ms':>8}{'mallocs':>9}"
+          f"{'retries':>8}  compiled")
     for s in sorted(steps, key=lambda s: -s["ms"])[:n]:
         print(f"{'':<15}{s['at_s']:>7.2f}{s['ms']:>9.1f}{s['tokens']:>8}{s['seqs']:>6}{s['gc_ms']:>8.1f}"
               f"{s['cuda_mallocs']:>9}{s['alloc_retries']:>8}  {', '.join(s['triton_compiles']) or '-'}")
