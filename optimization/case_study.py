@@ -221,6 +221,23 @@ def plots(report: dict, rows: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
+def slowest_turns(report: dict) -> str:
+    """One line per run of our engine: its slowest loop turn and what happened during it (online.py), where to look
+    first when a P99 is far above the P50."""
+    lines = []
+    for name, res in report["steps"].items():
+        for run in res.get("runs", []):
+            turns = [t for t in run.get("slowest_steps", []) if not t.get("run_totals")]
+            if not turns:
+                continue
+            t, totals = turns[0], run["slowest_steps"][-1]
+            lines.append(f"- {name} @ {_rate(run['request_rate'])}: {t['ms']:.0f} ms at {t['at_s']:.1f} s (step "
+                         f"{t['step_ms']:.0f} ms, {t['running']} running, {t['waiting']} waiting; garbage collection "
+                         f"{t['gc_ms']:.0f} ms; Triton compiled: {', '.join(t['triton_compiles']) or 'nothing'}); "
+                         f"run: {totals['cuda_mallocs']} cudaMalloc, {totals['alloc_retries']} allocator retries")
+    return "Slowest turn of our engine's loop per run:\n" + "\n".join(lines) + "\n\n" if lines else ""
+
+
 def write_report(report: dict, out_dir: Path) -> str:
     rows = table_rows(report)
     table = markdown_table(rows, report["saturation_rate"])
@@ -233,7 +250,7 @@ def write_report(report: dict, out_dir: Path) -> str:
             f"(workload split), mean prompt {w['mean_prompt_len']:.0f} tokens, mean output {w['mean_output_len']:.0f} "
             f"tokens (capped, ignore_eos). QPS and cost at rate inf; latency at the baseline's saturation rate, "
             f"Poisson arrivals. Cost at ${report['config']['gpu_hour_price']:.2f} per machine-hour.\n\n{table}\n\n"
-            f"Steps:\n{labels}\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
+            f"Steps:\n{labels}\n\n{slowest_turns(report)}" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
     (out_dir / "report.md").write_text(text)
     (out_dir / "case_study.json").write_text(json.dumps({**report, "table": rows}, indent=2))
     return table

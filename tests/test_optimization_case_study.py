@@ -127,3 +127,7 @@ def test_case_study_pipeline_curves_and_shared_perplexity(tmp_path, monkeypatch)
     assert report["steps"]["tuned-batching"]["perplexity"] == report["steps"]["awq-int4"]["perplexity"] > 1
     table = cs.write_report(report, tmp_path)
     assert "(awq-int4's weights)" in table and (tmp_path / "latency_throughput.png").exists()
+    # our engine's runs keep their slowest loop turns, and the report names the slowest of each
+    text = (tmp_path / "report.md").read_text()
+    assert all("slowest_steps" in r for r in report["steps"]["tuned-batching"]["runs"])
+    assert "Slowest turn" in text and "- tuned-batching @ inf:" in text and "- baseline @" not in text
