@@ -227,14 +227,14 @@ def slowest_turns(report: dict) -> str:
     lines = []
     for name, res in report["steps"].items():
         for run in res.get("runs", []):
-            turns = [t for t in run.get("slowest_steps", []) if not t.get("run_totals")]
-            if not turns:
+            stalls = run.get("stalls")
+            if not stalls or not stalls["slowest_turns"]:
                 continue
-            t, totals = turns[0], run["slowest_steps"][-1]
+            t = stalls["slowest_turns"][0]
             lines.append(f"- {name} @ {_rate(run['request_rate'])}: {t['ms']:.0f} ms at {t['at_s']:.1f} s (step "
                          f"{t['step_ms']:.0f} ms, {t['running']} running, {t['waiting']} waiting; garbage collection "
                          f"{t['gc_ms']:.0f} ms; Triton compiled: {', '.join(t['triton_compiles']) or 'nothing'}); "
-                         f"run: {totals['cuda_mallocs']} cudaMalloc, {totals['alloc_retries']} allocator retries")
+                         f"run: {stalls['cuda_mallocs']} cudaMalloc, {stalls['alloc_retries']} allocator retries")
     return "Slowest turn of our engine's loop per run:\n" + "\n".join(lines) + "\n\n" if lines else ""
 
 

@@ -58,37 +58,38 @@ def serve_static(run_batch: Callable[[list[RequestSpec]], list[RequestRecord]], 
 
 
 def serve_continuous(engine, specs: list[RequestSpec], arrivals: list[float],
-                     slowest: list[dict] | None = None) -> tuple[list[RequestRecord], float]:
+                     stalls: dict | None = None) -> tuple[list[RequestRecord], float]:
     """Continuous batching over an engine with vLLM's step API (engines.ours.LLMEngine).
 
-    `slowest`, if given, receives the run's slowest loop turns (admitting arrivals, one engine step, handling its
-    outputs; at most SLOWEST_KEPT), each with the step's own time and what else happened during the turn
-    (engines/stall_trace.py), then the run's totals of CUDA allocator events: where a latency tail came from."""
-    if slowest is None:
-        return _serve_continuous(engine, specs, arrivals, None)
+    `stalls`, if given, receives where a latency tail came from: "slowest_turns", the run's slowest loop turns
+    (admitting arrivals, one engine step, handling its outputs; at most SLOWEST_KEPT, slowest first), each with the
+    step's own time and what else happened during the turn (engines/stall_trace.py), and the run's totals of CUDA
+    allocator events ("cuda_mallocs", "alloc_retries")."""
+    if stalls is None:
+        return _serve_continuous(engine, specs, arrivals)
     from engines.stall_trace import StallTrace, allocator_events
 
     mallocs, retries = allocator_events()
+    turns = []
     with StallTrace().active() as trace:
-        out = _serve_continuous(engine, specs, arrivals, (trace, slowest))
-    slowest.sort(key=lambda s: -s["ms"])
-    del slowest[SLOWEST_KEPT:]
+        out = _serve_continuous(engine, specs, arrivals, trace, turns)
     mallocs_after, retries_after = allocator_events()
-    slowest.append({"run_totals": True, "cuda_mallocs": mallocs_after - mallocs,
-                    "alloc_retries": retries_after - retries})
+    stalls.update(slowest_turns=sorted(turns, key=lambda t: -t["ms"])[:SLOWEST_KEPT],
+                  cuda_mallocs=mallocs_after - mallocs, alloc_retries=retries_after - retries)
     return out
 
 
 SLOWEST_KEPT = 8
 
 
-def _serve_continuous(engine, specs, arrivals, tracing) -> tuple[list[RequestRecord], float]:
+def _serve_continuous(engine, specs, arrivals, trace=None, turns: list[dict] | None = None
+                      ) -> tuple[list[RequestRecord], float]:
     records: list[RequestRecord | None] = [None] * len(specs)
     index: dict[str, int] = {}
     t0, next_i = time.perf_counter(), 0
     while next_i < len(specs) or engine.has_unfinished_requests():
-        if tracing:  # one record per loop turn: admitting arrivals, the step, handling its outputs
-            tracing[0].take()
+        if trace:  # one record per loop turn: admitting arrivals, the step, handling its outputs
+            trace.take()
             t = time.perf_counter()
         new_i = _admit(arrivals, t0, next_i)
         for i in range(next_i, new_i):
@@ -100,20 +101,20 @@ def _serve_continuous(engine, specs, arrivals, tracing) -> tuple[list[RequestRec
         if not engine.has_unfinished_requests():
             _wait_for(arrivals[next_i], t0)
             continue
-        if tracing:
+        if trace:
             t_step = time.perf_counter()
         outputs = engine.step()
-        if tracing:
+        if trace:
             step_ms = (time.perf_counter() - t_step) * 1e3
         for out in outputs:
             if out.finished:
                 i = index.pop(out.request_id)
                 m = out.metrics
                 records[i] = RequestRecord.from_token_times(specs[i], m.arrival_time, m.token_times, out.text)
-        if tracing:
-            tracing[1].append({"at_s": round(t - t0, 3), "ms": round((time.perf_counter() - t) * 1e3, 2),
-                               "step_ms": round(step_ms, 2), "running": len(engine.scheduler.running),
-                               "waiting": len(engine.scheduler.waiting), **tracing[0].take()})
+        if trace:
+            turns.append({"at_s": round(t - t0, 3), "ms": round((time.perf_counter() - t) * 1e3, 2),
+                          "step_ms": round(step_ms, 2), "running": len(engine.scheduler.running),
+                          "waiting": len(engine.scheduler.waiting), **trace.take()})
     return records, _duration(records, t0)
 
 

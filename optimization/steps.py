@@ -173,16 +173,16 @@ def _weights_mb(model: torch.nn.Module) -> float:
 
 
 def _run_record(rate: float, cfg: StepConfig, records: list[RequestRecord], duration: float,
-                slowest: list[dict] | None = None) -> dict:
+                stalls: dict | None = None) -> dict:
     """One rate's summary (vLLM's metric names, plus P50 end-to-end latency), texts and first errors, and for our
-    engine its slowest steps (optimization/online.py)."""
+    engine its slowest loop turns (optimization/online.py)."""
     summary = summarize(records, duration, {"ttft": 100.0, "tpot": 50.0}, cfg.gpu_hour_price)
     lat = [r.e2el_s * 1e3 for r in records if r.success]
     summary["p50_e2el_ms"] = float(torch.tensor(lat).median()) if lat else None
     run = {"request_rate": rate, "summary": summary, "texts": [r.generated_text for r in records],
            "errors": [r.error for r in records if not r.success][:5]}
-    if slowest is not None:
-        run["slowest_steps"] = slowest
+    if stalls is not None:
+        run["stalls"] = stalls
     return run
 
 
@@ -269,10 +269,10 @@ def run_step(name: str, cfg: StepConfig) -> dict:
 
 
 def _traced(engine):
-    """serve(specs, arrivals) over our engine -> (records, duration, its slowest steps)."""
+    """serve(specs, arrivals) over our engine -> (records, duration, its stalls)."""
     def serve(specs, arrivals):
-        slowest = []
-        return (*serve_continuous(engine, specs, arrivals, slowest), slowest)
+        stalls = {}
+        return (*serve_continuous(engine, specs, arrivals, stalls), stalls)
     return serve
 
 
