@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--int4", choices=("triton", "torch"), help="RTN INT4 g128 projections with this backend")
     parser.add_argument("--shuffle-blocks", action="store_true",
                         help="hand out KV blocks in a random order (default: the pool's order, as a fresh engine does)")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="fp8: keys and values stored in 8 bits (half the bytes each decode step reads)")
     parser.add_argument("--top", type=int, default=15, help="kernels listed")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         set_backend(lm.model, args.int4)
     on_cuda = lm.model.lm_head.weight.is_cuda
     llm = LLM(lm, max_num_seqs=args.num_seqs, max_model_len=args.input_len + 2 * args.steps + 64,
-              enable_prefix_caching=False, skip_tokenizer_init=True,
+              enable_prefix_caching=False, skip_tokenizer_init=True, kv_cache_dtype=args.kv_cache_dtype,
               torch_compile=False if args.int4 else None)  # INT4 layers uncompiled, as in optimization/steps.py
     if args.shuffle_blocks:
         free = list(llm.block_manager.allocator.free)
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
             kernels[e.name] += e.device_time
     gpu_ms = sum(kernels.values()) / 1e3 / args.steps
     device = torch.cuda.get_device_name() if on_cuda else "cpu"
-    quant = f", INT4 g128 ({args.int4} backend)" if args.int4 else ""
+    quant = (f", INT4 g128 ({args.int4} backend)" if args.int4 else "") + (
+        f", {args.kv_cache_dtype} KV cache" if args.kv_cache_dtype != "auto" else "")
     print(f"\n{lm.label}{quant} on {device}: decode steps of {args.num_seqs} sequences at ~{args.input_len} tokens")
     print(f"wall {plain_ms:.2f} ms per step ({wall_ms:.2f} under the profiler); GPU kernels {gpu_ms:.2f} ms per step"
           + (f" ({gpu_ms / plain_ms:.0%} busy)" if on_cuda else " (no CUDA: kernels not recorded)"))
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": lm.label, "device": device, "int4": args.int4,
+                                        "kv_cache_dtype": args.kv_cache_dtype,
                                         "num_seqs": args.num_seqs, "input_len": args.input_len, "steps": args.steps,
                                         "wall_ms_per_step": plain_ms, "profiled_wall_ms_per_step": wall_ms,
                                         "gpu_kernel_ms_per_step": gpu_ms,

@@ -26,8 +26,13 @@ from benchmarks.backends.base import RequestSpec
 from benchmarks.workloads import build_workload, load_workload, save_workload
 from optimization.steps import DESCRIPTIONS, StepConfig, run_step
 
-FINAL = "tuned-batching"  # the last step of our own stack; vLLM is the comparison row
-SAME_WEIGHTS_AS_AWQ = ("paged-continuous", FINAL, "speculative")  # they serve the INT4 model awq-int4 saved
+FINAL_CANDIDATES = ("kv-fp8", "tuned-batching")  # the last step of our own stack that runs; vLLM is a comparison
+SAME_WEIGHTS_AS_AWQ = ("paged-continuous", "tuned-batching", "kv-fp8", "speculative")  # awq-int4's saved INT4 model
+
+
+def final_step(steps) -> str | None:
+    """The final step among `steps` (names, in any order): the one whose curve and factors the report leads with."""
+    return next((s for s in FINAL_CANDIDATES if s in steps), None)
 
 
 def make_workload(model: str, num_prompts: int, max_output_len: int, max_input_len: int, seed: int,
@@ -84,7 +89,7 @@ def run_case_study(cfg: StepConfig, steps: list[str], out_dir: Path, curve: list
     for name in steps:
         if name == "baseline":
             continue
-        step_cfg = replace(cfg, rates=[math.inf, saturation], curve=curve if name == FINAL else ())
+        step_cfg = replace(cfg, rates=[math.inf, saturation], curve=curve if name == final_step(steps) else ())
         awq_ppl = results.get("awq-int4", {}).get("perplexity")
         reuse = name in SAME_WEIGHTS_AS_AWQ and awq_ppl is not None  # the same INT4 file: the same perplexity
         results[name] = run(name, replace(step_cfg, ppl_tokens=0) if reuse else step_cfg)
@@ -202,7 +207,7 @@ def plots(report: dict, rows: list[dict], out_dir: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in ("baseline", FINAL):
+    for name in ("baseline", final_step(report["steps"])):
         res = report["steps"].get(name)
         if not res:
             continue

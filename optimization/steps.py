@@ -5,6 +5,8 @@ peak memory is its own. A step loads its model, serves the same workload at each
     awq-int4          + AWQ INT4 weights (our model; static batches)
     paged-continuous  + our engine: paged KV cache, continuous batching (same max batch as the baseline)
     tuned-batching    + batching tuned: the engine setting with the highest throughput from a small sweep
+    kv-fp8            + keys and values cached in FP8 (e4m3): half the bytes each decode step reads (GPU only by
+                      default: on a CPU no kernel reads FP8, the reference path converts every key it reads)
     speculative       INT4 + prompt-lookup speculative decoding, one request at a time (our engine does not batch
                       speculation yet): it shows what speculation buys a lone request and costs a loaded server
     vllm              the same workload on vLLM (its own quantization left off: BF16/FP32 weights), for comparison
@@ -28,12 +30,13 @@ from benchmarks.backends.base import RequestRecord, RequestSpec
 from benchmarks.metrics import summarize
 from optimization.online import serve_continuous, serve_static
 
-STEPS = ("baseline", "awq-int4", "paged-continuous", "tuned-batching", "speculative", "vllm")
+STEPS = ("baseline", "awq-int4", "paged-continuous", "tuned-batching", "kv-fp8", "speculative", "vllm")
 DESCRIPTIONS = {
     "baseline": "transformers generate, static batches",
     "awq-int4": "+ AWQ INT4 weights (ours, static batches)",
     "paged-continuous": "+ paged KV cache, continuous batching",
     "tuned-batching": "+ batching tuned (max seqs, token budget)",
+    "kv-fp8": "+ FP8 KV cache (e4m3)",
     "speculative": "INT4 + prompt-lookup speculation, batch 1",
     "vllm": "vLLM on the same workload (comparison)",
 }
@@ -206,7 +209,7 @@ def _serve_all(cfg: StepConfig, serve) -> list[dict]:
     return out
 
 
-def _engine(lm: LoadedModel, cfg: StepConfig, max_num_seqs: int, budget: int):
+def _engine(lm: LoadedModel, cfg: StepConfig, max_num_seqs: int, budget: int, kv_cache_dtype: str = "auto"):
     from engines.ours import LLM
 
     max_len = max(s.prompt_len + s.output_len for s in cfg.specs) + 16
@@ -214,7 +217,7 @@ def _engine(lm: LoadedModel, cfg: StepConfig, max_num_seqs: int, budget: int):
     # The INT4 layers stay uncompiled: with torch.compile, the engine's CUDA-graph capture of the 7B INT4 model failed
     # on the H100 ("operation failed due to a previous error during capture"); CUDA graphs alone worked.
     return LLM(lm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_len,
-               enable_prefix_caching=False, torch_compile=False)
+               enable_prefix_caching=False, torch_compile=False, kv_cache_dtype=kv_cache_dtype)
 
 
 def run_step(name: str, cfg: StepConfig) -> dict:
@@ -253,10 +256,12 @@ def run_step(name: str, cfg: StepConfig) -> dict:
     elif name == "paged-continuous":
         engine = _engine(lm, cfg, cfg.max_batch_size, 2048)
         runs = _serve_all(cfg, _traced(engine))
-    elif name == "tuned-batching":
-        best = _tune(lm, cfg)
+    elif name in ("tuned-batching", "kv-fp8"):
+        kv = "fp8" if name == "kv-fp8" else "auto"
+        best = _tune(lm, cfg, kv)  # tuned again: twice the tokens fit, the best setting may change
         notes += f"; max_num_seqs={best[0]}, max_num_batched_tokens={best[1]}"
-        engine = _engine(lm, cfg, *best)
+        notes += "; FP8 KV cache" if kv == "fp8" else ""
+        engine = _engine(lm, cfg, *best, kv)
         runs = _serve_all(cfg, _traced(engine))
     elif name == "speculative":
         if lm.random_weights:
@@ -276,12 +281,12 @@ def _traced(engine):
     return serve
 
 
-def _tune(lm: LoadedModel, cfg: StepConfig) -> tuple[int, int]:
+def _tune(lm: LoadedModel, cfg: StepConfig, kv_cache_dtype: str = "auto") -> tuple[int, int]:
     """The (max_num_seqs, max_num_batched_tokens) with the highest offline output throughput on the workload."""
     best, best_tput = cfg.tuning[0], -1.0
     zero = [0.0] * len(cfg.specs)
     for setting in cfg.tuning:
-        engine = _engine(lm, cfg, *setting)
+        engine = _engine(lm, cfg, *setting, kv_cache_dtype)
         records, duration = serve_continuous(engine, cfg.specs, zero)
         tput = sum(r.output_len for r in records if r.success) / duration
         if tput > best_tput:

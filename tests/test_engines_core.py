@@ -240,6 +240,12 @@ def test_async_scheduling_launches_before_collecting(tiny64):
 def test_user_errors(tiny64):
     with pytest.raises(UserError, match="fewer than max_model_len"):
         LLM(tiny64, num_kv_blocks=2, block_size=4, max_model_len=64)
+    with pytest.raises(UserError, match="kv_cache_dtype must be one of auto, fp8"):
+        LLM(tiny64, num_kv_blocks=32, max_model_len=16, kv_cache_dtype="int8")
+    # a memory budget holds twice the tokens in FP8 as in 16 bits (here: 8x, the model being float64)
+    fp8, auto = (LLM(tiny64, kv_cache_memory_gb=0.01, max_model_len=16, kv_cache_dtype=kv).block_manager.num_free_blocks
+                 for kv in ("fp8", "auto"))
+    assert fp8 // 8 == auto
     llm = LLM(tiny64, block_size=4, num_kv_blocks=32, max_model_len=16)
     with pytest.raises(UserError, match="longer than max_model_len"):
         llm.add_request(None, list(range(3, 30)))
@@ -312,3 +318,33 @@ def test_int4_lm_head_and_embedding_serve_as_the_model_computes(layers_too):
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     llm = LLM(lm, block_size=4, num_kv_blocks=64, max_model_len=128)
     assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == reference(lm, prompts, params)
+
+
+def test_fp8_kv_cache_stores_rounded_keys_and_attends_over_them():
+    """An FP8 pool (CPU reference path): a fresh prefill, then a decode, each equal to plain causal attention over
+    keys and values rounded to e4m3 once (saturating at 448, not NaN), and the pool holds exactly those values."""
+    from engines.ours.paged_cache import AttentionMetadata, DecodeGroup, FreshPrefillGroup, PagedKVCache
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, bs, table = 4, 2, 16, 4, [5, 2]
+    cache = PagedKVCache(1, 8, bs, kv_heads, dim, torch.float32, torch.device("cpu"), kv_dtype=torch.float8_e4m3fn)
+    q = torch.randn(1, heads, 7, dim, generator=g)
+    k, v = (torch.randn(1, kv_heads, 7, dim, generator=g) * 50 for _ in range(2))
+    k[0, 0, 1, 0] = 1000.0  # beyond e4m3's range
+    stored = [t.clamp(-448, 448).to(torch.float8_e4m3fn).float() for t in (k, v)]
+
+    def expected(n_queries, n_keys):  # causal attention of the last n_queries positions over keys 0..n_keys-1
+        keys, values = (t[0, :, :n_keys].repeat_interleave(heads // kv_heads, 0) for t in stored)
+        scores = q[0, :, n_keys - n_queries:n_keys] @ keys.transpose(1, 2) / dim ** 0.5
+        pos = torch.arange(n_keys - n_queries, n_keys)[:, None]
+        scores = scores.masked_fill(torch.arange(n_keys)[None] > pos, float("-inf"))
+        return scores.softmax(-1) @ values
+
+    slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(7)])
+    cache.metadata = AttentionMetadata(slots[:6], [], [FreshPrefillGroup(torch.arange(6)[None], 6)], [])
+    prefill = cache.attend(0, q[:, :, :6], k[:, :, :6], v[:, :, :6], None)
+    torch.testing.assert_close(prefill[0], expected(6, 6))
+    pool_keys = cache.keys[0].float().view(-1, kv_heads, dim)[slots[:6]].transpose(0, 1)
+    assert torch.equal(pool_keys, stored[0][0, :, :6]) and pool_keys.abs().max() == 448
+    decode = DecodeGroup(torch.tensor([0]), torch.tensor([table], dtype=torch.int32), torch.tensor([7]))
+    cache.metadata = AttentionMetadata(slots[6:], [decode], [], [])
+    torch.testing.assert_close(cache.attend(0, q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], None)[0], expected(1, 7))

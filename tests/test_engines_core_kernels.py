@@ -24,10 +24,11 @@ def gathered_attention(q, k_pool, v_pool, tables, seq_lens):
 
 
 def check_kernel(heads: int, kv_heads: int, head_dim: int, block_size: int, dev: str,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, kv_dtype: torch.dtype | None = None) -> None:
     """Every variant in float32 against the reference to 1e-5; in a 16-bit dtype the default (tensor-core) path,
     whose probabilities are rounded to that dtype before the second product, against the reference computed in
-    float32 from the same rounded inputs."""
+    float32 from the same rounded inputs. kv_dtype: pools stored in another dtype (FP8), the reference computed from
+    the same stored values."""
     from engines.ours.triton_attention import paged_decode_attention
     g = torch.Generator().manual_seed(0)
     seq_lens = [1, 7, 3 * block_size, 3 * block_size + 1, 50]
@@ -43,13 +44,16 @@ def check_kernel(heads: int, kv_heads: int, head_dim: int, block_size: int, dev:
     q = torch.randn(len(seq_lens), heads, head_dim, generator=g)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     if dtype != torch.float32:
-        q, k_pool, v_pool = (t.to(dtype) for t in (q, k_pool, v_pool))
+        q = q.to(dtype)
+        k_pool, v_pool = k_pool.to(kv_dtype or dtype), v_pool.to(kv_dtype or dtype)
         expected = gathered_attention(q.float(), k_pool.float(), v_pool.float(), tables, lens)
         for splits in (1, 4):
             out = paged_decode_attention(*[t.to(dev) for t in (q, k_pool, v_pool, tables, lens)], num_splits=splits)
             torch.testing.assert_close(out.float().cpu(), expected, atol=2e-2, rtol=2e-2)
         return
-    expected = gathered_attention(q, k_pool, v_pool, tables, lens)
+    if kv_dtype is not None:
+        k_pool, v_pool = k_pool.to(kv_dtype), v_pool.to(kv_dtype)
+    expected = gathered_attention(q, k_pool.float(), v_pool.float(), tables, lens)
     # The same values stored head-major ([block, head, token, dim], seen through a transposed view): other strides.
     head_major = [pool.transpose(1, 2).contiguous().transpose(1, 2) for pool in (k_pool, v_pool)]
     token_major = (k_pool, v_pool)
@@ -60,12 +64,14 @@ def check_kernel(heads: int, kv_heads: int, head_dim: int, block_size: int, dev:
         torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
-def check_engine_with_triton(async_scheduling: bool) -> None:
+def check_engine_with_triton(async_scheduling: bool, kv_cache_dtype: str = "auto") -> None:
     """The whole GPU path inside the engine, replayed eagerly: decode-only steps through the decode graphs' buffers
     (split-K kernel, padding rows), every other step through the mixed graphs' buffers (unified kernel, padded
     tokens and tiles), with chunked prefills (a small token budget) and prefix-cache hits (shared prompt heads),
     staggered arrivals: same greedy tokens as the plain decode loop (tiny model, float64), with and without async
-    scheduling (then decodes take their input token from the previous step's output, in the static buffers)."""
+    scheduling (then decodes take their input token from the previous step's output, in the static buffers).
+    With an FP8 KV cache the reference is the engine's own reference path (gather + attention) over an FP8 cache:
+    both must round and store the same keys and values."""
     from core.generate import generate
     from core.loading import load_model
     from engines.ours.model_runner import ModelRunner
@@ -74,10 +80,11 @@ def check_engine_with_triton(async_scheduling: bool) -> None:
     shared = [rng.randrange(3, 49152) for _ in range(9)]
     prompts = [shared * (i % 2) + [rng.randrange(3, 49152) for _ in range(rng.randint(3, 30))] for i in range(7)]
     params = SamplingParams(max_tokens=10, ignore_eos=True)
-    llm = LLM(lm, block_size=4, num_kv_blocks=96, max_model_len=64, max_num_seqs=5, max_num_batched_tokens=36,
-              async_scheduling=async_scheduling)
+    kw = dict(block_size=4, num_kv_blocks=96, max_model_len=64, max_num_seqs=5, max_num_batched_tokens=36,
+              kv_cache_dtype=kv_cache_dtype)
+    llm = LLM(lm, async_scheduling=async_scheduling, **kw)
     llm.runner = runner = ModelRunner(lm.model, 96, 4, 64, 5, cuda_graph=True, use_triton=True,
-                                      max_num_batched_tokens=36)
+                                      max_num_batched_tokens=36, kv_dtype=llm.runner.cache.keys[0].dtype)
     assert runner.mixed_graphs.sizes == [32, 36]
     ran = []
     for name, graphs in (("decode", runner.graphs), ("mixed", runner.mixed_graphs)):
@@ -88,7 +95,11 @@ def check_engine_with_triton(async_scheduling: bool) -> None:
             seqs.append(llm.add_request(None, prompts[step // 3], params))
         llm.step()
         step += 1
-    assert [s.output_token_ids for s in seqs] == [generate(lm.model, [p], params).tokens[0] for p in prompts]
+    if kv_cache_dtype == "auto":
+        expected = [generate(lm.model, [p], params).tokens[0] for p in prompts]
+    else:
+        expected = [o.token_ids for o in LLM(lm, **kw).generate(prompts, params, use_tqdm=False)]
+    assert [s.output_token_ids for s in seqs] == expected
     assert {"decode", "mixed"} <= set(ran)
     assert llm.block_manager.num_free_blocks == 96
 
@@ -102,7 +113,9 @@ def test_triton_paged_decode_matches_plain_attention_interpreted():
     run_interpreted("from test_engines_core_kernels import check_kernel, check_engine_with_triton, SHAPES\n"
                     "for shape in SHAPES: check_kernel(*shape, 'cpu')\n"
                     "check_engine_with_triton(False)\n"
-                    "check_engine_with_triton(True)\n")
+                    "check_engine_with_triton(True)\n"
+                    "check_kernel(*SHAPES[0], 'cpu', kv_dtype=torch.float8_e4m3fn)\n"
+                    "check_engine_with_triton(True, 'fp8')\n")
 
 
 @pytest.mark.gpu
@@ -110,6 +123,7 @@ def test_triton_paged_decode_matches_plain_attention_interpreted():
 def test_triton_paged_decode_matches_plain_attention_gpu(shape):
     check_kernel(*shape, "cuda")
     check_kernel(*shape, "cuda", torch.bfloat16)
+    check_kernel(*shape, "cuda", torch.bfloat16, torch.float8_e4m3fn)
 
 
 @pytest.mark.gpu

@@ -62,9 +62,12 @@ def mixed_step(heads, kv_heads, head_dim, block_size, dtype):
     return q, k_pool, v_pool, tables, chunks
 
 
-def check_kernel(heads, kv_heads, head_dim, block_size, dev, dtype=torch.float32, tol=1e-5):
+def check_kernel(heads, kv_heads, head_dim, block_size, dev, dtype=torch.float32, tol=1e-5, kv_dtype=None):
+    """kv_dtype: pools of another dtype than q (float8_e4m3fn: an FP8 KV cache), the reference over the same values."""
     from engines.ours.triton_unified_attention import build_query_tiles, unified_paged_attention
     q, k_pool, v_pool, tables, chunks = mixed_step(heads, kv_heads, head_dim, block_size, dtype)
+    if kv_dtype is not None:
+        k_pool, v_pool = k_pool.to(kv_dtype), v_pool.to(kv_dtype)
     expected = reference(q, k_pool, v_pool, tables, chunks)
     tiles = build_query_tiles(chunks[::-1], num_tiles=12)  # 8 real tiles in any order, 4 padding tiles
     q, k_pool, v_pool, tables, tiles = [t.to(dev) for t in (q, k_pool, v_pool, tables, tiles)]
@@ -80,7 +83,8 @@ def test_unified_attention_matches_plain_attention_interpreted():
     run_interpreted("from test_engines_unified_attention import check_kernel, SHAPES\n"
                     "for shape in SHAPES: check_kernel(*shape, 'cpu')\n"
                     "check_kernel(*SHAPES[0], 'cpu', torch.float64)\n"
-                    "check_kernel(*SHAPES[2], 'cpu', torch.float16, 2e-2)\n")  # bfloat16: the interpreter gets it wrong
+                    "check_kernel(*SHAPES[2], 'cpu', torch.float16, 2e-2)\n"  # bfloat16: the interpreter gets it wrong
+                    "check_kernel(*SHAPES[0], 'cpu', torch.float32, 1e-5, torch.float8_e4m3fn)\n")
 
 
 @pytest.mark.gpu
@@ -89,6 +93,13 @@ def test_unified_attention_matches_plain_attention_interpreted():
                                        (torch.bfloat16, 5e-2)])
 def test_unified_attention_matches_plain_attention_gpu(shape, dtype, tol):
     check_kernel(*shape, "cuda", dtype, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
+def test_unified_attention_reads_fp8_pools_gpu(shape, dtype, tol):
+    check_kernel(*shape, "cuda", dtype, tol, torch.float8_e4m3fn)
 
 
 def test_build_query_tiles_splits_and_pads():

@@ -116,17 +116,20 @@ def test_case_study_pipeline_curves_and_shared_perplexity(tmp_path, monkeypatch)
     specs = make_workload("smollm2-135m", 3, 4, 48, seed=0)
     cfg = StepConfig("smollm2-135m", "cpu", None, False, specs, [math.inf], max_batch_size=2, quant="rtn",
                      ppl_tokens=128, tuning=[(2, 128), (4, 256)])
-    report = cs.run_case_study(cfg, ["baseline", "awq-int4", "tuned-batching"], tmp_path, [0.5, 2])
+    steps = ["baseline", "awq-int4", "tuned-batching", "kv-fp8"]
+    report = cs.run_case_study(cfg, steps, tmp_path, [0.5, 2])
     sat = report["saturation_rate"]
-    assert [c[0] for c in calls] == ["baseline", "awq-int4", "tuned-batching"]
+    assert [c[0] for c in calls] == steps
     assert calls[1][1] == [math.inf, sat] and calls[1][2] == () and calls[2][3] == 0 < calls[1][3]
-    for name in ("baseline", "tuned-batching"):
+    assert calls[2][2] == () != calls[3][2]  # kv-fp8 is the final step here: it, not tuned-batching, has the curve
+    assert "FP8 KV cache" in report["steps"]["kv-fp8"]["notes"]
+    for name in ("baseline", "kv-fp8"):
         runs = report["steps"][name]["runs"]
         own = runs[0]["summary"]["request_throughput"]
         curve = [r["request_rate"] for r in runs if r["request_rate"] not in (math.inf, sat)]
         assert curve == [m * own for m in (0.5, 1.0, 2.0) if m * own != sat]
         assert all(r["summary"]["completed"] == 3 for r in runs)
-    assert report["steps"]["tuned-batching"]["perplexity"] == report["steps"]["awq-int4"]["perplexity"] > 1
+    assert report["steps"]["kv-fp8"]["perplexity"] == report["steps"]["awq-int4"]["perplexity"] > 1
     table = cs.write_report(report, tmp_path)
     assert "(awq-int4's weights)" in table and (tmp_path / "latency_throughput.png").exists()
     # our engine's runs keep their slowest loop turns, and the report names the slowest of each

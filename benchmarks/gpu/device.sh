@@ -205,6 +205,13 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     run kernels_7b_bf16 200 python -m engines.profile_kernels --model llama2-7b --random-weights --num-seqs 256 \
       --out "$OUT/profile_kernels_7b_bf16.json"
     ;;
+  k3)  # a full batch of 128 INT4 sequences (the case study's 7B tuned step), KV cache in 16 bits and in FP8
+    for kv in auto fp8; do
+      run kernels_7b_int4_128_$kv 150 python -m engines.profile_kernels --model llama2-7b --random-weights \
+        --num-seqs 128 --input-len 192 --int4 triton --kv-cache-dtype $kv --top 12 \
+        --out "$OUT/profile_kernels_7b_int4_128_$kv.json"
+    done
+    ;;
   a3)  # the same, split-K over the sequence (flash-decoding) at every batch size, for both head layouts
     run attention_splits 300 python -m engines.attention_bench --cases \
       smollm2-135m:256:256,smollm2-135m:128:512,smollm2-135m:32:512,llama2-7b:256:256,llama2-7b:64:256 \
@@ -345,5 +352,5 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --configs int4:torch:compile,int4:triton:compile --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_70b_triton.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|d2|e|ev|kv|f|f2|f3|f4|f5|p|g|g2|k|as|as2|a2|a3|a4|m|m2|m3|m4|m5|m6|q|q7|q2|u|u2|o1|o2 (see the table at the top)"; exit 2 ;;
+    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|d2|e|ev|kv|f|f2|f3|f4|f5|p|g|g2|k|as|as2|a2|a3|a4|m|m2|m3|m4|m5|m6|q|q7|q2|u|u2|o1|o2|k3 (see the table at the top)"; exit 2 ;;
 esac

@@ -18,14 +18,17 @@ GiB = 1 << 30
 MAX_LOGPROBS = 20  # most likely tokens a request may ask log-probabilities of, per output token (vLLM's default)
 
 
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}  # vLLM's names
+
+
 def kv_cache_blocks(lm: LoadedModel, block_size: int, num_kv_blocks: int | None, kv_cache_memory_gb: float | None,
-                    gpu_memory_utilization: float) -> int:
+                    gpu_memory_utilization: float, kv_dtype: torch.dtype | None = None) -> int:
     """How many blocks the pool gets: given outright, from a memory budget in GiB, or (GPU) from the share of GPU
     memory the engine may use minus what is already taken (weights, other processes) and room for activations."""
     if num_kv_blocks is not None:
         return num_kv_blocks
     p = next(lm.model.parameters())
-    bytes_per_block = block_size * lm.model.config.kv_bytes_per_token(p.element_size())
+    bytes_per_block = block_size * lm.model.config.kv_bytes_per_token((kv_dtype or p.dtype).itemsize)
     if kv_cache_memory_gb is None and p.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(p.device)
         activations = 2 * GiB  # logits and MLP activations of one step at the default token budget
@@ -45,7 +48,9 @@ class LLMEngine:
     and gate/up projections run as one matmul each unless `fuse_projections=False` (fused_projections.py).
     `skip_tokenizer_init` (vLLM's name): token-id prompts only and no output text, so random-weight runs need no
     tokenizer files. `async_scheduling` (vLLM's name; default on a GPU): schedule and launch each step while the one
-    before it still runs, so the GPU never waits for the host's bookkeeping (see `step`).
+    before it still runs, so the GPU never waits for the host's bookkeeping (see `step`). `kv_cache_dtype` (vLLM's
+    name): "auto" stores keys and values in the model's dtype, "fp8" in FP8 e4m3 (paged_cache.PagedKVCache): half
+    the bytes per decode step and twice the tokens per GiB, at some precision.
     """
 
     def __init__(self, model: str | LoadedModel = "smollm2-135m", device: str = "auto", dtype: str | None = None,
@@ -54,7 +59,7 @@ class LLMEngine:
                  gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False, skip_tokenizer_init: bool = False,
                  torch_compile: bool | None = None, fuse_projections: bool = True,
-                 async_scheduling: bool | None = None):
+                 async_scheduling: bool | None = None, kv_cache_dtype: str = "auto"):
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, random_weights)
         cfg = self.lm.model.config
         self.skip_tokenizer_init = skip_tokenizer_init
@@ -64,7 +69,11 @@ class LLMEngine:
                             f"{cfg.max_position_embeddings}")
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
             raise UserError("max_num_seqs, max_num_batched_tokens and block_size must be at least 1")
-        num_blocks = kv_cache_blocks(self.lm, block_size, num_kv_blocks, kv_cache_memory_gb, gpu_memory_utilization)
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise UserError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} (got {kv_cache_dtype!r})")
+        kv_dtype = KV_CACHE_DTYPES[kv_cache_dtype]
+        num_blocks = kv_cache_blocks(self.lm, block_size, num_kv_blocks, kv_cache_memory_gb, gpu_memory_utilization,
+                                     kv_dtype)
         # One sequence of max_model_len tokens must always fit, or a lone long request could never finish.
         if num_blocks * block_size < self.max_model_len:
             raise UserError(f"the KV cache holds {num_blocks} blocks x {block_size} = {num_blocks * block_size} "
@@ -75,7 +84,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.lm.model, num_blocks, block_size, self.max_model_len, max_num_seqs,
                                   cuda_graph=None if not enforce_eager else False,
                                   torch_compile=torch_compile, max_num_batched_tokens=max_num_batched_tokens,
-                                  fuse_projections=fuse_projections)
+                                  fuse_projections=fuse_projections, kv_dtype=kv_dtype)
         self.requests: dict[str, Sequence] = {}
         self.eos_ids = set(cfg.eos_ids)
         self.async_scheduling = self.runner.device.type == "cuda" if async_scheduling is None else async_scheduling

@@ -85,14 +85,14 @@ class ModelRunner:
     them. torch_compile: compile the decoder layers first (default: wherever CUDA graphs are on; it changes the
     served model in place, and the graphs then capture the compiled kernels). fuse_projections: serve a copy of the
     model whose layers compute q|k|v and gate|up in one matmul each (fused_projections.py; quantized projections too,
-    their packed codes and scales stacked by rows). The pool gets one extra block beyond the allocator's, a scratch
-    block for graph padding.
+    their packed codes and scales stacked by rows). kv_dtype: the KV pools' dtype if not the model's (FP8). The pool
+    gets one extra block beyond the allocator's, a scratch block for graph padding.
     """
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int = 2048,
                  max_num_seqs: int = 256, cuda_graph: bool | None = None, use_triton: bool | None = None,
                  torch_compile: bool | None = None, max_num_batched_tokens: int = 2048,
-                 fuse_projections: bool = True):
+                 fuse_projections: bool = True, kv_dtype: torch.dtype | None = None):
         # Before compiling and capturing: the compiled layers and the graphs are those of the model actually served.
         self.model = model = fused_projections.fuse_projections(model) if fuse_projections else model
         p = next(model.parameters())
@@ -101,7 +101,8 @@ class ModelRunner:
         self.block_size = block_size
         on_cuda = self.device.type == "cuda"
         self.cache = PagedKVCache(cfg.num_layers, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
-                                  self.dtype, self.device, use_triton=on_cuda if use_triton is None else use_triton)
+                                  self.dtype, self.device, use_triton=on_cuda if use_triton is None else use_triton,
+                                  kv_dtype=kv_dtype)
         use_graphs = on_cuda if cuda_graph is None else cuda_graph
         if (use_graphs and on_cuda) if torch_compile is None else torch_compile:
             compile_layers(model)

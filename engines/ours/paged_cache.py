@@ -102,17 +102,24 @@ class PagedKVCache(KVCache):
 
     use_triton: decode attention through the Triton kernel (GPU) instead of gather + SDPA (the reference path).
     cpu_kernel: on a CPU, decode attention through the C++ kernel of cpu_attention.py (default: where it builds).
+    kv_dtype: the pools' dtype, if not the model's: torch.float8_e4m3fn stores keys and values in 8 bits (vLLM's
+    kv_cache_dtype="fp8", with its default scale of 1): half the bytes every decode step reads, twice the tokens in
+    the same memory. New keys/values are rounded to it once, when written (saturating at +-448, e4m3's largest
+    value), and every path attends over the rounded values, converted back to the model's dtype as they are read.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, use_triton: bool = False, cpu_kernel: bool | None = None):
+                 dtype: torch.dtype, device: torch.device, use_triton: bool = False, cpu_kernel: bool | None = None,
+                 kv_dtype: torch.dtype | None = None):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        kv_dtype = kv_dtype or dtype
+        self.keys = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
         self.use_triton = use_triton
         self.decode_kernel = None  # None: the reference path (gather + SDPA)
-        if not use_triton and torch.device(device).type == "cpu" and cpu_kernel is not False:
+        # The C++ kernel reads pools of the model's dtype only.
+        if not use_triton and torch.device(device).type == "cpu" and cpu_kernel is not False and kv_dtype == dtype:
             from engines.ours import cpu_attention
             self.decode_kernel = cpu_attention.load()
         if use_triton:  # imported only here: CPU-only installs need not have Triton
@@ -133,9 +140,11 @@ class PagedKVCache(KVCache):
         k_pool, v_pool = self.keys[layer], self.values[layer]
         hkv, d = k_pool.shape[2], k_pool.shape[3]
         k_new, v_new = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [N, Hkv, D]
-        # Write first, so each token attends to itself and to earlier tokens of its own chunk through the pool.
-        k_pool.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k_new)
-        v_pool.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v_new)
+        if k_pool.dtype != k_new.dtype:  # an FP8 pool: the rounded values are stored, and attended over below too
+            k_new, v_new = _write_fp8(k_pool, meta.slot_mapping, k_new), _write_fp8(v_pool, meta.slot_mapping, v_new)
+        else:  # write first, so each token attends to itself and to earlier tokens of its own chunk through the pool
+            k_pool.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k_new)
+            v_pool.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v_new)
         q_flat = q[0].transpose(0, 1)  # [N, H, D]
         if meta.unified is not None:
             return self.unified_kernel(q_flat, k_pool, v_pool, meta.unified.block_tables,
@@ -149,20 +158,33 @@ class PagedKVCache(KVCache):
             else:
                 b = qg.shape[0]
                 tables = g.block_tables.long()
-                keys = k_pool[tables].view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
-                values = v_pool[tables].view(b, -1, hkv, d).transpose(1, 2)
+                keys = k_pool[tables].view(b, -1, hkv, d).transpose(1, 2).to(q.dtype)  # [B, Hkv, S, D]
+                values = v_pool[tables].view(b, -1, hkv, d).transpose(1, 2).to(q.dtype)
                 # Built from seq_lens on the device, so this path too has fixed shapes for a captured graph.
                 mask = torch.arange(keys.shape[2], device=q.device) < g.seq_lens[:, None]
                 out[g.token_index] = attention(qg[:, :, None], keys, values, mask[:, None, None])[:, :, 0]
         for g in meta.fresh:
             # [B, T, H, D] -> [B, H, T, D]; the chunk's own keys are all it may see.
             qg = q_flat[g.token_index].transpose(1, 2)
-            kg, vg = k_new[g.token_index].transpose(1, 2), v_new[g.token_index].transpose(1, 2)
+            kg = k_new[g.token_index].transpose(1, 2).to(q.dtype)
+            vg = v_new[g.token_index].transpose(1, 2).to(q.dtype)
             og = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=gqa)
             out[g.token_index] = og.transpose(1, 2)
         for g in meta.cached:
-            keys = k_pool[g.block_table].view(1, -1, hkv, d).transpose(1, 2)  # [1, Hkv, S, D]
-            values = v_pool[g.block_table].view(1, -1, hkv, d).transpose(1, 2)
+            keys = k_pool[g.block_table].view(1, -1, hkv, d).transpose(1, 2).to(q.dtype)  # [1, Hkv, S, D]
+            values = v_pool[g.block_table].view(1, -1, hkv, d).transpose(1, 2).to(q.dtype)
             qg = q_flat[g.token_index].transpose(0, 1)[None]  # [1, H, Tq, D]
             out[g.token_index] = attention(qg, keys, values, g.mask)[0].transpose(0, 1)
         return out.transpose(0, 1)[None]
+
+
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def _write_fp8(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Round new [N, Hkv, D] to the pool's 8-bit dtype, store it at `slots`, return the rounded values.
+    Clamped first: a cast to float8_e4m3fn is not guaranteed to saturate (e4m3fn has no infinity; overflow may give
+    NaN). Copied as bytes: index_copy_ has no float8 kernel."""
+    rounded = new.clamp(-FP8_MAX, FP8_MAX).to(pool.dtype)
+    pool.view(torch.uint8).view(-1, *new.shape[1:]).index_copy_(0, slots, rounded.view(torch.uint8))
+    return rounded

@@ -87,9 +87,8 @@ def _unified_kernel(q_ptr, k_pool, v_pool, tables, tiles, out_ptr, scale,
         kv_at = block * stride_pb + (key_pos % BLOCK_SIZE) * stride_ps + kv_head * stride_ph  # int64: big pools
         k = tl.load(k_pool + kv_at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_pool + kv_at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        if TO_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = k.to(q.dtype)  # float32 (TO_FP32), or 16-bit from an FP8 pool; no-op for a pool of q's dtype
+        v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale          # [rows, BLOCK_N], float32
         # Causal: key j is seen by a query at position p iff j <= p. Key 0 is seen by every row, so the first
         # tile makes every running max finite and no -inf - -inf (NaN) can arise, even in the masked rows.
