@@ -91,6 +91,18 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, SPLIT, GROUP: 
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
 
 
+@triton.jit(do_not_specialize=["MN", "SPLIT"])
+def _sum_splits_kernel(part_ptr, y_ptr, MN, SPLIT, BLOCK: tl.constexpr):
+    """y = sum over the SPLIT float32 partial products [SPLIT, M, N], added in order, written in y's dtype: one pass
+    where torch's sum, then a cast, took two."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(SPLIT):
+        acc += tl.load(part_ptr + split * MN + i, mask=ok, other=0.0)
+    tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
 @triton.jit
 def _int4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr):
@@ -204,5 +216,9 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     _int4_gemm_kernel[grid](x.contiguous(), qweight.contiguous(), scales.contiguous(), zeros.contiguous(), out, M,
                             N, K, config.pop("SPLIT"), group_size, TILE_GROUPS=max(1, block_k // group_size),
                             PRECISION=precision, **config)
+    if grid[2] == 1:
+        return out[0]
     # Partial sums added in a fixed order: the same input gives the same output, bit for bit, every call.
-    return out[0] if grid[2] == 1 else out.sum(0).to(x.dtype)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](out, y, M * N, grid[2], BLOCK=1024, num_warps=4)
+    return y

@@ -142,3 +142,25 @@ def test_cuda_graph_decoding_equals_eager():
     assert graphed_llm.runner.graphs is not None
     graphed = graphed_llm.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
+
+
+@pytest.mark.gpu
+def test_serving_compiles_no_kernel_after_start():
+    """Every Triton kernel a step can need is compiled while the engine starts: the graphs hold the layers', and the
+    INT4 LM head, which runs outside them at any row count, is run at each one (ModelRunner.warm_up_lm_head). Its
+    first call at a new row count stalled serving for seconds before."""
+    from core.loading import load_model
+    from engines.stall_trace import StallTrace
+    from quantization.linear import quantize_embeddings, quantize_model, set_backend
+    lm = load_model("tiny", "cuda", torch.float16, random_weights=True)
+    quantize_model(lm.model, "int4", 32)
+    quantize_embeddings(lm.model)
+    set_backend(lm.model, "triton")
+    llm = LLM(lm, max_num_seqs=24, num_kv_blocks=256, max_model_len=96, max_num_batched_tokens=256,
+              skip_tokenizer_init=True, torch_compile=False)
+    rng = random.Random(0)
+    with StallTrace().active() as trace:
+        for batch in (1, 5, 17, 24):
+            prompts = [[rng.randrange(3, 1000) for _ in range(rng.randint(2, 60))] for _ in range(batch)]
+            llm.generate(prompts, SamplingParams(max_tokens=rng.randint(2, 9), ignore_eos=True), use_tqdm=False)
+        assert trace.take()["triton_compiles"] == []
