@@ -67,7 +67,9 @@ def make_workload(model: str, num_prompts: int, max_output_len: int, max_input_l
 def run_case_study(cfg: StepConfig, steps: list[str], out_dir: Path, curve: list[float]) -> dict:
     """Every step in a process of its own. The baseline runs first: its throughput at rate inf is the saturation
     rate every later step is also measured at. The baseline and the final step add their latency-throughput curves
-    (`curve`: multiples of each one's own throughput at rate inf, so each curve shows its own knee)."""
+    (`curve`: multiples of each one's own throughput at rate inf, so each curve shows its own knee). The report is
+    written again after every step, so a run cut short (a time limit, a crash in a later step) keeps the steps it
+    finished; until the last step, its "steps_pending" lists the rest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, quantized_path=out_dir / "int4_model.pt")
     curve = tuple(sorted(set(curve) | {1.0}))  # 1.0: the baseline at its own saturation rate, for the P99 column
@@ -86,9 +88,18 @@ def run_case_study(cfg: StepConfig, steps: list[str], out_dir: Path, curve: list
     saturation = base["runs"][0]["summary"]["request_throughput"]
     if not saturation:  # every request failed: no rate to compare the steps at
         raise UserError(f"the baseline completed no request; first error: {base['runs'][0]['errors'][:1]}")
-    for name in steps:
-        if name == "baseline":
-            continue
+
+    def report(pending: list[str]) -> dict:
+        return {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+                "config": {k: v for k, v in asdict(cfg).items() if k not in ("specs", "quantized_path")},
+                "workload": {"dataset": "sharegpt (workload split)", "num_prompts": len(cfg.specs),
+                             "mean_prompt_len": sum(s.prompt_len for s in cfg.specs) / len(cfg.specs),
+                             "mean_output_len": sum(s.output_len for s in cfg.specs) / len(cfg.specs)},
+                "saturation_rate": saturation, "steps": results, "steps_pending": pending}
+
+    later = [name for name in steps if name != "baseline"]
+    for i, name in enumerate(later):
+        write_report(report(later[i:]), out_dir)
         step_cfg = replace(cfg, rates=[math.inf, saturation], curve=curve if name == final_step(steps) else ())
         awq_ppl = results.get("awq-int4", {}).get("perplexity")
         reuse = name in SAME_WEIGHTS_AS_AWQ and awq_ppl is not None  # the same INT4 file: the same perplexity
@@ -96,14 +107,8 @@ def run_case_study(cfg: StepConfig, steps: list[str], out_dir: Path, curve: list
         if reuse and "skipped" not in results[name]:
             results[name].update(perplexity=awq_ppl, perplexity_of="awq-int4")
     bar.close()
-    report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-              "config": {k: v for k, v in asdict(cfg).items() if k not in ("specs", "quantized_path")},
-              "workload": {"dataset": "sharegpt (workload split)", "num_prompts": len(cfg.specs),
-                           "mean_prompt_len": sum(s.prompt_len for s in cfg.specs) / len(cfg.specs),
-                           "mean_output_len": sum(s.output_len for s in cfg.specs) / len(cfg.specs)},
-              "saturation_rate": saturation, "steps": results}
     cfg.quantized_path.unlink(missing_ok=True)
-    return report
+    return report([])
 
 
 def machine() -> dict:
@@ -250,12 +255,15 @@ def write_report(report: dict, out_dir: Path) -> str:
     labels = "\n".join(f"- **{name}**: {res.get('label', '')} {res.get('notes', '') or res.get('skipped', '')}"
                        for name, res in report["steps"].items())
     w, m = report["workload"], report["machine"]
+    pending = (f"**Partial report**: not run (yet): {', '.join(report['steps_pending'])}.\n\n"
+               if report.get("steps_pending") else "")
     text = (f"# Case study: {report['config']['model']}\n\n{report['date']} on {m.get('gpu', 'CPU')} "
             f"({m['platform']}, torch {m['torch']}).\n\nWorkload: {w['num_prompts']} ShareGPT requests "
             f"(workload split), mean prompt {w['mean_prompt_len']:.0f} tokens, mean output {w['mean_output_len']:.0f} "
             f"tokens (capped, ignore_eos). QPS and cost at rate inf; latency at the baseline's saturation rate, "
             f"Poisson arrivals. Cost at ${report['config']['gpu_hour_price']:.2f} per machine-hour.\n\n{table}\n\n"
-            f"Steps:\n{labels}\n\n{slowest_turns(report)}" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
+            f"Steps:\n{labels}\n\n{slowest_turns(report)}{pending}"
+            + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
     (out_dir / "report.md").write_text(text)
     (out_dir / "case_study.json").write_text(json.dumps({**report, "table": rows}, indent=2))
     return table

@@ -5,8 +5,8 @@ peak memory is its own. A step loads its model, serves the same workload at each
     awq-int4          + AWQ INT4 weights (our model; static batches)
     paged-continuous  + our engine: paged KV cache, continuous batching (same max batch as the baseline)
     tuned-batching    + batching tuned: the engine setting with the highest throughput from a small sweep
-    kv-fp8            + keys and values cached in FP8 (e4m3): half the bytes each decode step reads (GPU only by
-                      default: on a CPU no kernel reads FP8, the reference path converts every key it reads)
+    kv-fp8            + keys and values cached in FP8 (e4m3): half the bytes each decode step reads (optional: run
+                      when named; on a CPU no kernel reads FP8, the reference path converts every key it reads)
     speculative       INT4 + prompt-lookup speculative decoding, one request at a time (our engine does not batch
                       speculation yet): it shows what speculation buys a lone request and costs a loaded server
     vllm              the same workload on vLLM (its own quantization left off: BF16/FP32 weights), for comparison

@@ -1,3 +1,4 @@
+import json
 import math
 import subprocess
 import sys
@@ -136,3 +137,25 @@ def test_case_study_pipeline_curves_and_shared_perplexity(tmp_path, monkeypatch)
     text = (tmp_path / "report.md").read_text()
     assert all(r["stalls"]["slowest_turns"] for r in report["steps"]["tuned-batching"]["runs"])
     assert "Slowest turn" in text and "- tuned-batching @ inf:" in text and "- baseline @" not in text
+
+
+def test_a_run_cut_short_keeps_the_steps_it_finished(tmp_path, monkeypatch):
+    """The report is written after every step: when a later step fails (or a time limit kills the run), the finished
+    steps are on disk, and the report says which did not run."""
+    import optimization.case_study as cs
+    from optimization.steps import StepConfig
+
+    def in_process(fn, name, cfg):
+        if name == "awq-int4":
+            raise RuntimeError("killed")
+        return fn(name, cfg), 1.0
+
+    monkeypatch.setattr(cs, "run_isolated", in_process)
+    specs = make_workload("smollm2-135m", 2, 4, 48, seed=0)
+    cfg = StepConfig("smollm2-135m", "cpu", None, False, specs, [math.inf], max_batch_size=2, quant="rtn")
+    with pytest.raises(RuntimeError, match="killed"):
+        cs.run_case_study(cfg, ["baseline", "awq-int4", "tuned-batching"], tmp_path, [1])
+    saved = json.loads((tmp_path / "case_study.json").read_text())
+    assert list(saved["steps"]) == ["baseline"] and saved["steps_pending"] == ["awq-int4", "tuned-batching"]
+    assert saved["table"][0]["qps"] > 0
+    assert "Partial report**: not run (yet): awq-int4, tuned-batching" in (tmp_path / "report.md").read_text()
