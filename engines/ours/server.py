@@ -439,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None,
                         help="KV-cache size in GiB (default on CPU: 1, like VLLM_CPU_KVCACHE_SPACE)")
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None, help="KV-cache blocks, outright")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="fp8: keys and values stored in 8 bits (twice the tokens per GiB)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs, no torch.compile")
     parser.add_argument("--engine-core", choices=("process", "thread"), default="process",
@@ -459,7 +461,8 @@ def main(argv: list[str] | None = None) -> None:
                          num_kv_blocks=args.num_gpu_blocks_override, kv_cache_memory_gb=args.kv_cache_memory_gb,
                          gpu_memory_utilization=args.gpu_memory_utilization,
                          max_num_batched_tokens=args.max_num_batched_tokens,
-                         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager)
+                         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+                         kv_cache_dtype=args.kv_cache_dtype)
     if args.engine_core == "process":
         engine = ProcessLLMEngine(engine_kwargs)  # loads and warms up the engine in its process
     else:
