@@ -122,7 +122,8 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
                            dot: bool | None = None, **launch) -> torch.Tensor:
     """One query per sequence over its paged keys/values.
 
-    q: [B, H, D]; k_pool, v_pool: [num_blocks, block_size, Hkv, D]; block_tables: int [B, max_blocks];
+    q: [B, H, D]; k_pool, v_pool: [num_blocks, block_size, Hkv, D], q's dtype or FP8 (converted as read);
+    block_tables: int [B, max_blocks];
     seq_lens: int [B], keys per sequence (>= 1; the query's own key already written). Returns [B, H, D].
     num_splits (a power of two; default: num_splits_for): with S > 1 each sequence's keys are cut into S parts
     attended by S programs at once ("flash-decoding"), then merged; at batch 1 there are only Hkv (sequence, head)
