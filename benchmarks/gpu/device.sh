@@ -40,6 +40,9 @@
 # found two bugs instead (fixed), then no machine came for an hour; on the last one: 1 smollm2-aa wheels
 # workload-1024x512.json -> stage; 2 sharegpt-00 sharegpt-01 -> stage; 3 smollm2-ab ->
 # STEPS=baseline,awq-int4,paged-continuous,tuned-batching o1.
+# Later (H100s, 2026-12-06, random weights need no kit: carry .device-kit/smollm2-tok and the workload only):
+# PROMPTS=128 TUNING=128:8192 STEPS=baseline,tuned-batching,kv-fp8 o2; the same with PROMPTS=256 TUNING=256:8192;
+# a11; a12; PROMPTS=256 TUNING=256:8192 STEPS=baseline,kv-fp8 o2 (cut by the call's limit on a slow host).
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -212,6 +215,26 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
         --out "$OUT/profile_kernels_7b_int4_128_$kv.json"
     done
     ;;
+  a11)  # FP8 against 16-bit pools over launch configurations (the case study's 7B batches), then where a step goes
+    run attention_fp8 300 python -m engines.attention_bench --cases llama2-7b:128:150-250,llama2-7b:256:150-250 \
+      --layers 8 --kv-dtypes bf16,fp8 --dot 1 --tiles 32,64,128 --warps 2,4,8 --stages 1,2,3 \
+      --out "$OUT/attention_fp8.json"
+    for kv in auto fp8; do
+      run kernels_7b_int4_256_$kv 150 python -m engines.profile_kernels --model llama2-7b --random-weights \
+        --num-seqs 256 --input-len 192 --int4 triton --kv-cache-dtype $kv --top 12 \
+        --out "$OUT/profile_kernels_7b_int4_256_$kv.json"
+    done
+    ;;
+  a12)  # FP8 pools: the products in float16 or bfloat16, over launch configurations; the kernels' GPU tests
+    run attention_fp8_dtype 240 python -m engines.attention_bench --cases llama2-7b:128:150-250,llama2-7b:256:150-250 \
+      --layers 8 --kv-dtypes fp8 --dot 1 --dot-dtypes bf16,fp16 --tiles 64,128 --warps 2,4,8 --stages 1,2 \
+      --out "$OUT/attention_fp8_dtype.json"
+    run gpu_tests_attention 200 python -m pytest -q -p no:cacheprovider -m gpu tests/test_engines_core_kernels.py \
+      tests/test_engines_unified_attention.py
+    run kernels_7b_int4_256_fp8 150 python -m engines.profile_kernels --model llama2-7b --random-weights \
+      --num-seqs 256 --input-len 192 --int4 triton --kv-cache-dtype fp8 --top 12 \
+      --out "$OUT/profile_kernels_7b_int4_256_fp8.json"
+    ;;
   a3)  # the same, split-K over the sequence (flash-decoding) at every batch size, for both head layouts
     run attention_splits 300 python -m engines.attention_bench --cases \
       smollm2-135m:256:256,smollm2-135m:128:512,smollm2-135m:32:512,llama2-7b:256:256,llama2-7b:64:256 \
@@ -352,5 +375,5 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --configs int4:torch:compile,int4:triton:compile --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_70b_triton.json"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|d2|e|ev|kv|f|f2|f3|f4|f5|p|g|g2|k|as|as2|a2|a3|a4|m|m2|m3|m4|m5|m6|q|q7|q2|u|u2|o1|o2|k3 (see the table at the top)"; exit 2 ;;
+    echo "usage: bash benchmarks/gpu/device.sh stage|smoke|a|c|c1|d|d2|e|ev|kv|f|f2|f3|f4|f5|p|g|g2|k|as|as2|a2|a3|a4|m|m2|m3|m4|m5|m6|q|q7|q2|u|u2|o1|o2|k3|a11|a12 (see the table at the top)"; exit 2 ;;
 esac

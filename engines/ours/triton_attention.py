@@ -28,7 +28,7 @@ def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables, seq_lens, out_ptr, lse_p
                          stride_qb, stride_qh, stride_pb, stride_ps, stride_ph, stride_tb, stride_ob, stride_oh,
                          stride_os, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          TILE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -42,7 +42,9 @@ def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables, seq_lens, out_ptr, lse_p
     heads = kv_head * GROUP + g
     head_ok = g < GROUP
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=head_ok[:, None], other=0.0)
-    if not DOT:
+    if DOT:
+        q = q.to(DOT_DTYPE)                                            # a no-op unless the pools hold FP8
+    else:
         q = q.to(tl.float32) * scale                                   # [ROWS, D]
     m = tl.full([ROWS], float("-inf"), tl.float32)                     # running max of the scores
     l = tl.zeros([ROWS], tl.float32)                                   # running sum of exp(score - m)
@@ -61,7 +63,7 @@ def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables, seq_lens, out_ptr, lse_p
         k = tl.load(k_pool + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_pool + offset[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if DOT:  # tensor cores: [ROWS, D] x [D, TILE], most rows padding
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale
+            s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale
         else:    # CUDA cores: broadcast multiply, sum over D
             s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)     # [ROWS, TILE]
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -69,7 +71,7 @@ def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables, seq_lens, out_ptr, lse_p
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
         if DOT:
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+            pv = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
         else:
             pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         acc = acc * alpha[:, None] + pv
@@ -100,6 +102,9 @@ def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, NUM_S
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+_TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
 def num_splits_for(batch: int, kv_heads: int, device: torch.device) -> int:
     """Enough programs to keep the GPU's memory system busy: about 12 per multiprocessor, the sequence split in up to
     16 pieces when (sequence, KV head) pairs alone are fewer. Measured on an H100 (engines/attention_bench.py,
@@ -119,7 +124,7 @@ def _multiprocessors(device_index: int) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, num_splits: int | None = None, tile: int | None = None,
-                           dot: bool | None = None, **launch) -> torch.Tensor:
+                           dot: bool | None = None, dot_dtype: torch.dtype | None = None, **launch) -> torch.Tensor:
     """One query per sequence over its paged keys/values.
 
     q: [B, H, D]; k_pool, v_pool: [num_blocks, block_size, Hkv, D], q's dtype or FP8 (converted as read);
@@ -129,7 +134,8 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     attended by S programs at once ("flash-decoding"), then merged; at batch 1 there are only Hkv (sequence, head)
     pairs, too few programs to keep a GPU's memory system busy. dot: scores and weighted values through tl.dot on
     tensor cores, the group's query heads padded to 16 rows (default: for float16/bfloat16), else broadcast
-    multiply and sum in float32 on CUDA cores. `tile` (keys per loop step) and `launch` (Triton's num_warps,
+    multiply and sum in float32 on CUDA cores. dot_dtype: the 16-bit type the products take (default: q's, or
+    float16 for FP8 pools, below). `tile` (keys per loop step) and `launch` (Triton's num_warps,
     num_stages) override the defaults; engines/attention_bench.py sweeps them.
     """
     b, h, d = q.shape
@@ -147,7 +153,18 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     # Without tensor cores (float32: tests, the interpreter) 16 keys, and up to 32 for several heads per KV head.
     if tile is None:
         tile = 64 if dot else 16 if group_pad == 1 else max(16, min(32, 8192 // (group_pad * d)))
+    fp8 = k_pool.dtype == torch.float8_e4m3fn
+    # FP8 pools: every e4m3 value is exact in float16, so with bfloat16 queries the products take float16 (q rounded
+    # to float16 keeps more mantissa; only |q| > 65504 would overflow). Converting FP8 tiles to float16 rather than
+    # bfloat16 read 13% faster, and 2 warps with 2 pipeline stages fastest of the launches tried: 2.1 TB/s of FP8
+    # for 256 sequences of the Llama-2-7B shape on an H100 where the conversion to bfloat16 with the 16-bit
+    # defaults read 1.6 (engines/attention_bench.py --kv-dtypes fp8 --dot-dtypes bf16,fp16,
+    # results/h100/attention_fp8{,_dtype}.json; 16-bit pools read 2.9 TB/s there: the conversion still costs).
+    if dot_dtype is None:
+        dot_dtype = torch.float16 if fp8 and q.dtype == torch.bfloat16 else q.dtype
     launch.setdefault("num_warps", 2)
+    if fp8:
+        launch.setdefault("num_stages", 2)
     q = q.contiguous()
     out = torch.empty_like(q)
     part = out[:, :, None] if splits == 1 else torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
@@ -161,6 +178,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2),
         GROUP=group, ROWS=rows, BLOCK_SIZE=block_size, TILE=tile, HEAD_DIM=d, NUM_SPLITS=splits, DOT=dot,
+        DOT_DTYPE=_TRITON_DTYPES.get(dot_dtype, tl.float32),
         PRECISION="tf32" if q.dtype in (torch.float16, torch.bfloat16) else "ieee", **launch)
     if splits > 1:
         _merge_splits_kernel[(b, h)](part, lse, out, out.stride(0), out.stride(1), NUM_SPLITS=splits, HEAD_DIM=d)
