@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     from engines.ours.triton_attention import paged_decode_attention
 
     dot_dtypes = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if unknown := set(args.dot_dtypes.split(",")) - set(dot_dtypes):
+        raise UserError(f"unknown --dot-dtypes {sorted(unknown)}; choose from {sorted(dot_dtypes)}")
     configs = [dict(tile=t, num_warps=w, num_stages=s, num_splits=n or None, dot=bool(f), dot_dtype=dot_dtypes[x])
                for (t, w, s, n, f), x in itertools.product(itertools.product(*(map(int, x.split(",")) for x in (
                    args.tiles, args.warps, args.stages, args.splits, args.dot))), args.dot_dtypes.split(","))]
