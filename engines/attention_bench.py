@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     dot_dtypes = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if unknown := set(args.dot_dtypes.split(",")) - set(dot_dtypes):
         raise UserError(f"unknown --dot-dtypes {sorted(unknown)}; choose from {sorted(dot_dtypes)}")
+    numbers = [map(int, x.split(",")) for x in (args.tiles, args.warps, args.stages, args.splits, args.dot)]
     configs = [dict(tile=t, num_warps=w, num_stages=s, num_splits=n or None, dot=bool(f), dot_dtype=dot_dtypes[x])
-               for (t, w, s, n, f), x in itertools.product(itertools.product(*(map(int, x.split(",")) for x in (
-                   args.tiles, args.warps, args.stages, args.splits, args.dot))), args.dot_dtypes.split(","))]
+               for t, w, s, n, f, x in itertools.product(*numbers, args.dot_dtypes.split(","))]
     results = []
     kv_dtypes = args.kv_dtypes.split(",")
     if unknown := set(kv_dtypes) - set(KV_DTYPES):

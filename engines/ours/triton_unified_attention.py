@@ -108,8 +108,9 @@ def unified_paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     """Causal attention of every query token of a step over its sequence's paged keys/values.
 
     q: [N, H, D], the step's queries, flat (rows no tile covers come out zero); k_pool, v_pool: [num_blocks,
-    block_size, Hkv, D], q's dtype or FP8 (converted as read), with the step's own keys/values already written; block_tables: int32 [S, W]; tiles: int32
-    [T, 4] from build_query_tiles, on q's device. out: optional [N, H, D] of q's dtype (a graph's static buffer).
+    block_size, Hkv, D], q's dtype or FP8 (converted as read), with the step's own keys/values already written;
+    block_tables: int32 [S, W]; tiles: int32 [T, 4] from build_query_tiles, on q's device. out: optional [N, H, D]
+    of q's dtype (a graph's static buffer).
     Returns out.
     """
     _, h, d = q.shape
