@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="hand out KV blocks in a random order (default: the pool's order, as a fresh engine does)")
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                         help="fp8: keys and values stored in 8 bits (half the bytes each decode step reads)")
+    parser.add_argument("--eager-elementwise", action="store_true",
+                        help="uncompiled layers' norms, rope and activation as PyTorch ops, not the fused Triton "
+                             "kernels (engines/ours/triton_elementwise.py): the before of that change")
     parser.add_argument("--top", type=int, default=15, help="kernels listed")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     on_cuda = lm.model.lm_head.weight.is_cuda
     llm = LLM(lm, max_num_seqs=args.num_seqs, max_model_len=args.input_len + 2 * args.steps + 64,
               enable_prefix_caching=False, skip_tokenizer_init=True, kv_cache_dtype=args.kv_cache_dtype,
-              torch_compile=False if args.int4 else None)  # INT4 layers uncompiled, as in optimization/steps.py
+              torch_compile=False if args.int4 else None,  # INT4 layers uncompiled, as in optimization/steps.py
+              triton_elementwise=not args.eager_elementwise)
     if args.shuffle_blocks:
         free = list(llm.block_manager.allocator.free)
         random.Random(0).shuffle(free)
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": lm.label, "device": device, "int4": args.int4,
                                         "kv_cache_dtype": args.kv_cache_dtype,
+                                        "eager_elementwise": args.eager_elementwise,
                                         "num_seqs": args.num_seqs, "input_len": args.input_len, "steps": args.steps,
                                         "wall_ms_per_step": plain_ms, "profiled_wall_ms_per_step": wall_ms,
                                         "gpu_kernel_ms_per_step": gpu_ms,

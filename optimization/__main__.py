@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", default=None,
                         help=f"comma list of {', '.join(STEPS)} (default: all but {', '.join(OPTIONAL)})")
     parser.add_argument("--num-prompts", type=int, default=None, help="default: 32 on CPU, 256 on GPU")
+    parser.add_argument("--latency-prompts", type=int, default=None,
+                        help="serve only the first N requests at the finite rates (the P99 column, the curves); "
+                             "rate inf (QPS, cost) serves all --num-prompts. Default: all")
     parser.add_argument("--max-output-len", type=int, default=None, help="cap on reply lengths (CPU 48, GPU 256)")
     parser.add_argument("--max-input-len", type=int, default=256)
     parser.add_argument("--max-batch-size", type=int, default=8, help="static batch of the baseline")
@@ -70,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.int4_backend == "triton" and not on_gpu:
         raise UserError("--int4-backend triton runs our Triton kernels, which need a CUDA GPU")
     num_prompts = args.num_prompts or (256 if on_gpu else 32)
+    if args.latency_prompts is not None and not 1 <= args.latency_prompts <= num_prompts:
+        raise UserError(f"--latency-prompts must be between 1 and --num-prompts ({num_prompts}); "
+                        f"got {args.latency_prompts}")
     max_out = args.max_output_len or (256 if on_gpu else 48)
     specs = make_workload(args.model, num_prompts, max_out, args.max_input_len, args.seed, args.random_weights,
                           args.workload_file)
@@ -78,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
                      specs, [math.inf], max_batch_size=args.max_batch_size,
                      quant=args.quant or ("rtn" if args.random_weights else "awq"), ppl_tokens=args.ppl_tokens,
                      int4_backend=args.int4_backend, int4_head=not args.float_head,
-                     gpu_hour_price=args.gpu_hour_price, seed=args.seed, tuning=tuning)
+                     gpu_hour_price=args.gpu_hour_price, seed=args.seed, tuning=tuning,
+                     latency_prompts=args.latency_prompts)
     out_dir = args.out_dir or Path("results") / dt.date.today().isoformat()
     report = run_case_study(cfg, steps, out_dir, [float(x) for x in args.curve.split(",")])
     print(write_report(report, out_dir))

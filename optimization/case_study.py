@@ -94,7 +94,8 @@ def run_case_study(cfg: StepConfig, steps: list[str], out_dir: Path, curve: list
                 "config": {k: v for k, v in asdict(cfg).items() if k not in ("specs", "quantized_path")},
                 "workload": {"dataset": "sharegpt (workload split)", "num_prompts": len(cfg.specs),
                              "mean_prompt_len": sum(s.prompt_len for s in cfg.specs) / len(cfg.specs),
-                             "mean_output_len": sum(s.output_len for s in cfg.specs) / len(cfg.specs)},
+                             "mean_output_len": sum(s.output_len for s in cfg.specs) / len(cfg.specs),
+                             "latency_prompts": cfg.latency_prompts or len(cfg.specs)},
                 "saturation_rate": saturation, "steps": results, "steps_pending": pending}
 
     later = [name for name in steps if name != "baseline"]
@@ -248,6 +249,11 @@ def slowest_turns(report: dict) -> str:
     return "Slowest turn of our engine's loop per run:\n" + "\n".join(lines) + "\n\n" if lines else ""
 
 
+def latency_subset(workload: dict) -> str:
+    n = workload.get("latency_prompts", workload["num_prompts"])
+    return f", over the first {n} requests" if n < workload["num_prompts"] else ""
+
+
 def write_report(report: dict, out_dir: Path) -> str:
     rows = table_rows(report)
     table = markdown_table(rows, report["saturation_rate"])
@@ -261,7 +267,8 @@ def write_report(report: dict, out_dir: Path) -> str:
             f"({m['platform']}, torch {m['torch']}).\n\nWorkload: {w['num_prompts']} ShareGPT requests "
             f"(workload split), mean prompt {w['mean_prompt_len']:.0f} tokens, mean output {w['mean_output_len']:.0f} "
             f"tokens (capped, ignore_eos). QPS and cost at rate inf; latency at the baseline's saturation rate, "
-            f"Poisson arrivals. Cost at ${report['config']['gpu_hour_price']:.2f} per machine-hour.\n\n{table}\n\n"
+            f"Poisson arrivals{latency_subset(w)}. Cost at ${report['config']['gpu_hour_price']:.2f} per "
+            f"machine-hour.\n\n{table}\n\n"
             f"Steps:\n{labels}\n\n{slowest_turns(report)}{pending}"
             + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
     (out_dir / "report.md").write_text(text)

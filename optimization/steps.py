@@ -63,6 +63,9 @@ class StepConfig:
     # measured after `rates`: multiples of the step's own throughput at rate inf (rates[0] must be inf), its
     # latency-throughput curve
     curve: tuple[float, ...] = ()
+    # finite rates serve only the first latency_prompts requests (None: all): at the baseline's own saturation rate
+    # its queue, and so its time, grows with the request count; rate inf, the throughput, always serves them all
+    latency_prompts: int | None = None
 
 
 def _ours_static_runner(lm: LoadedModel):
@@ -198,7 +201,8 @@ def _serve_all(cfg: StepConfig, serve) -> list[dict]:
     serve(warmup, [0.0] * len(warmup))
 
     def at(rate: float) -> dict:
-        return _run_record(rate, cfg, *serve(cfg.specs, arrival_times(len(cfg.specs), rate, seed=cfg.seed)))
+        specs = cfg.specs if math.isinf(rate) else cfg.specs[:cfg.latency_prompts]
+        return _run_record(rate, cfg, *serve(specs, arrival_times(len(specs), rate, seed=cfg.seed)))
 
     out = [at(rate) for rate in cfg.rates]
     if cfg.curve:  # around this step's own capacity, so each curve shows its own knee

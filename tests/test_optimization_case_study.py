@@ -93,17 +93,22 @@ def test_book_preset_explains_itself_in_one_line():
     assert run.stderr.strip().startswith("error: --preset book") and "Traceback" not in run.stderr
 
 
-def test_triton_int4_backend_without_a_gpu_is_one_clear_error():
-    run = subprocess.run([sys.executable, "-m", "optimization", "--device", "cpu", "--int4-backend", "triton"],
+@pytest.mark.parametrize("args, message", [
+    (["--int4-backend", "triton"], "error: --int4-backend triton"),
+    (["--num-prompts", "4", "--latency-prompts", "5"], "error: --latency-prompts must be between 1 and"),
+])
+def test_bad_options_on_a_cpu_are_one_clear_error(args, message):
+    run = subprocess.run([sys.executable, "-m", "optimization", "--device", "cpu", *args],
                          capture_output=True, text=True)
     assert run.returncode == 2
-    assert run.stderr.strip().startswith("error: --int4-backend triton") and "Traceback" not in run.stderr
+    assert run.stderr.strip().startswith(message) and "Traceback" not in run.stderr
 
 
 def test_case_study_pipeline_curves_and_shared_perplexity(tmp_path, monkeypatch):
     """The whole pipeline on the default model at toy sizes, each step in this process (run_isolated stubbed):
     the baseline and the final step trace curves around their own capacity, every step is also measured at the
-    baseline's saturation rate, and the steps that serve awq-int4's file report its perplexity, not a new one."""
+    baseline's saturation rate (over the first latency_prompts requests; rate inf over all), and the steps that serve
+    awq-int4's file report its perplexity, not a new one."""
     import optimization.case_study as cs
     from optimization.steps import StepConfig
 
@@ -116,7 +121,7 @@ def test_case_study_pipeline_curves_and_shared_perplexity(tmp_path, monkeypatch)
     monkeypatch.setattr(cs, "run_isolated", in_process)
     specs = make_workload("smollm2-135m", 3, 4, 48, seed=0)
     cfg = StepConfig("smollm2-135m", "cpu", None, False, specs, [math.inf], max_batch_size=2, quant="rtn",
-                     ppl_tokens=128, tuning=[(2, 128), (4, 256)])
+                     ppl_tokens=128, tuning=[(2, 128), (4, 256)], latency_prompts=2)
     steps = ["baseline", "awq-int4", "tuned-batching", "kv-fp8"]
     report = cs.run_case_study(cfg, steps, tmp_path, [0.5, 2])
     sat = report["saturation_rate"]
@@ -129,7 +134,7 @@ def test_case_study_pipeline_curves_and_shared_perplexity(tmp_path, monkeypatch)
         own = runs[0]["summary"]["request_throughput"]
         curve = [r["request_rate"] for r in runs if r["request_rate"] not in (math.inf, sat)]
         assert curve == [m * own for m in (0.5, 1.0, 2.0) if m * own != sat]
-        assert all(r["summary"]["completed"] == 3 for r in runs)
+        assert [r["summary"]["completed"] for r in runs] == [3] + [2] * (len(runs) - 1)
     assert report["steps"]["kv-fp8"]["perplexity"] == report["steps"]["awq-int4"]["perplexity"] > 1
     table = cs.write_report(report, tmp_path)
     assert "(awq-int4's weights)" in table and (tmp_path / "latency_throughput.png").exists()
@@ -137,6 +142,7 @@ def test_case_study_pipeline_curves_and_shared_perplexity(tmp_path, monkeypatch)
     text = (tmp_path / "report.md").read_text()
     assert all(r["stalls"]["slowest_turns"] for r in report["steps"]["tuned-batching"]["runs"])
     assert "Slowest turn" in text and "- tuned-batching @ inf:" in text and "- baseline @" not in text
+    assert "Poisson arrivals, over the first 2 requests." in text
 
 
 def test_a_run_cut_short_keeps_the_steps_it_finished(tmp_path, monkeypatch):

@@ -43,6 +43,8 @@
 # Later (H100s, 2026-12-06, random weights need no kit: carry .device-kit/smollm2-tok and the workload only):
 # PROMPTS=128 TUNING=128:8192 STEPS=baseline,tuned-batching,kv-fp8 o2; the same with PROMPTS=256 TUNING=256:8192;
 # a11; a12; PROMPTS=256 TUNING=256:8192 STEPS=baseline,kv-fp8 o2 (cut by the call's limit on a slow host).
+# Then (2026-12-06 afternoon, the same carry): a13; PROMPTS=512 LATENCY_PROMPTS=256 TUNING=512:8192
+# STEPS=baseline,kv-fp8 o2.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -235,6 +237,15 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --num-seqs 256 --input-len 192 --int4 triton --kv-cache-dtype fp8 --top 12 \
       --out "$OUT/profile_kernels_7b_int4_256_fp8.json"
     ;;
+  a13)  # the fused elementwise kernels (engines/ours/triton_elementwise.py): GPU tests, then a decode step of 256
+       # INT4 sequences with the eager PyTorch ops and with the kernels, on the same machine
+    run gpu_tests_elementwise 200 python -m pytest -q -p no:cacheprovider -m gpu tests/test_engines_elementwise.py
+    for mode in eager fused; do
+      run kernels_7b_int4_256_fp8_$mode 150 python -m engines.profile_kernels --model llama2-7b --random-weights \
+        --num-seqs 256 --input-len 192 --int4 triton --kv-cache-dtype fp8 --top 16 \
+        $([ $mode = eager ] && echo --eager-elementwise) --out "$OUT/profile_kernels_7b_int4_256_fp8_$mode.json"
+    done
+    ;;
   a3)  # the same, split-K over the sequence (flash-decoding) at every batch size, for both head layouts
     run attention_splits 300 python -m engines.attention_bench --cases \
       smollm2-135m:256:256,smollm2-135m:128:512,smollm2-135m:32:512,llama2-7b:256:256,llama2-7b:64:256 \
@@ -304,7 +315,8 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     # PROMPTS=256 TUNING=64:2048,128:4096,256:8192 lets the tuned step batch past 64 sequences.
     run case_7b_all 590 python -m optimization --model llama2-7b --random-weights --device cuda \
       --workload-file "$WORKLOAD" --num-prompts ${PROMPTS:-64} --max-output-len 128 --curve 1 \
-      --out-dir "$OUT/case_7b_all" ${STEPS:+--steps $STEPS} ${TUNING:+--tuning $TUNING}
+      --out-dir "$OUT/case_7b_all" ${STEPS:+--steps $STEPS} ${TUNING:+--tuning $TUNING} \
+      ${LATENCY_PROMPTS:+--latency-prompts $LATENCY_PROMPTS}
     ;;
   g)  # where a decode step's time goes; torch.compile of the decode step (core.generate) and of our engine's layers
     run profile_7b 150 python -m engines.profile_decode --model llama2-7b --random-weights \

@@ -69,6 +69,7 @@ def stack_linears(parts: list[nn.Module]) -> nn.Module:
 
 class FusedAttention(Attention):
     """core.model.Attention with q|k|v in one Linear (`qkv_proj`); o_proj is the original module."""
+    triton_elementwise = False  # FusedTransformer.use_triton_elementwise switches it on
 
     def __init__(self, attn: Attention):
         nn.Module.__init__(self)
@@ -81,9 +82,23 @@ class FusedAttention(Attention):
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # the rest is core.model.Attention.forward
 
+    def forward(self, x, cos, sin, positions, cache) -> torch.Tensor:
+        if not self.triton_elementwise or cache is None:
+            return super().forward(x, cos, sin, positions, cache)
+        from engines.ours.triton_elementwise import rope_qk_  # imported where it runs: CPUs may lack a Triton build
+
+        B, T, _ = x.shape
+        qkv = self.qkv_proj(x)
+        q_heads, kv_heads = self.qkv_sizes[0] // self.head_dim, self.qkv_sizes[1] // self.head_dim
+        rope_qk_(qkv, cos, sin, q_heads, kv_heads, self.head_dim)  # one kernel, not ten
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in qkv.split(self.qkv_sizes, dim=-1))
+        out = cache.attend(self.layer_idx, q, k, v, positions)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
 
 class FusedMLP(MLP):
     """SwiGLU with gate|up in one Linear (`gate_up_proj`); down_proj is the original module."""
+    triton_elementwise = False
 
     def __init__(self, mlp: MLP):
         nn.Module.__init__(self)
@@ -92,12 +107,17 @@ class FusedMLP(MLP):
         self.down_proj = mlp.down_proj
 
     def forward(self, x):
+        if self.triton_elementwise:
+            from engines.ours.triton_elementwise import silu_and_mul
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.gate_up_sizes, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class FusedDecoderLayer(DecoderLayer):
-    """The layer's own norms, with fused attention and MLP; DecoderLayer.forward as it is."""
+    """The layer's own norms, with fused attention and MLP; DecoderLayer.forward as it is, or with the residual add
+    fused into the second norm."""
+    triton_elementwise = False
 
     def __init__(self, layer: DecoderLayer):
         nn.Module.__init__(self)
@@ -105,6 +125,17 @@ class FusedDecoderLayer(DecoderLayer):
         self.self_attn = FusedAttention(layer.self_attn)
         self.post_attention_layernorm = layer.post_attention_layernorm
         self.mlp = FusedMLP(layer.mlp)
+
+    def forward(self, x, cos, sin, positions, cache):
+        if not self.triton_elementwise:
+            return super().forward(x, cos, sin, positions, cache)
+        from engines.ours.triton_elementwise import rms_norm
+
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        h = rms_norm(x, norm1.weight, norm1.eps)
+        attn = self.self_attn(h, cos, sin, positions, cache)
+        x, h = rms_norm(x, norm2.weight, norm2.eps, delta=attn)  # x + attn, and its norm
+        return x + self.mlp(h)
 
 
 class FusedTransformer(Transformer):
@@ -117,6 +148,16 @@ class FusedTransformer(Transformer):
         self.layers = nn.ModuleList(FusedDecoderLayer(layer) for layer in model.layers)
         self.norm, self.lm_head = model.norm, model.lm_head
         self.train(model.training)
+
+    def use_triton_elementwise(self) -> None:
+        """Norms, rope and the MLP's activation through triton_elementwise.py's fused kernels (CUDA, uncompiled
+        layers: what torch.compile would fuse). The head dimension must split for the rope kernel."""
+        from engines.ours import triton_elementwise
+
+        if not triton_elementwise.supported(self.config.head_dim):
+            return
+        for layer in self.layers:
+            layer.triton_elementwise = layer.self_attn.triton_elementwise = layer.mlp.triton_elementwise = True
 
 
 def stackable(parts: list[nn.Module]) -> bool:

@@ -45,7 +45,9 @@ class LLMEngine:
     `kv_cache_memory_gb` (default 1 GiB on CPU, like VLLM_CPU_KVCACHE_SPACE), else on GPU `gpu_memory_utilization`.
     On a GPU, steps replay CUDA graphs unless `enforce_eager` (vLLM's name), and the layers are compiled
     first (model_runner.compile_layers; `torch_compile=False` skips it, True forces it anywhere). Each layer's q/k/v
-    and gate/up projections run as one matmul each unless `fuse_projections=False` (fused_projections.py).
+    and gate/up projections run as one matmul each unless `fuse_projections=False` (fused_projections.py); on a GPU
+    with uncompiled layers their norms, rope and activation run as fused Triton kernels unless
+    `triton_elementwise=False` (triton_elementwise.py).
     `skip_tokenizer_init` (vLLM's name): token-id prompts only and no output text, so random-weight runs need no
     tokenizer files. `async_scheduling` (vLLM's name; default on a GPU): schedule and launch each step while the one
     before it still runs, so the GPU never waits for the host's bookkeeping (see `step`). `kv_cache_dtype` (vLLM's
@@ -59,7 +61,7 @@ class LLMEngine:
                  gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False, skip_tokenizer_init: bool = False,
                  torch_compile: bool | None = None, fuse_projections: bool = True,
-                 async_scheduling: bool | None = None, kv_cache_dtype: str = "auto"):
+                 async_scheduling: bool | None = None, kv_cache_dtype: str = "auto", triton_elementwise: bool = True):
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, random_weights)
         cfg = self.lm.model.config
         self.skip_tokenizer_init = skip_tokenizer_init
@@ -84,7 +86,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.lm.model, num_blocks, block_size, self.max_model_len, max_num_seqs,
                                   cuda_graph=None if not enforce_eager else False,
                                   torch_compile=torch_compile, max_num_batched_tokens=max_num_batched_tokens,
-                                  fuse_projections=fuse_projections, kv_dtype=kv_dtype)
+                                  fuse_projections=fuse_projections, kv_dtype=kv_dtype,
+                                  triton_elementwise=triton_elementwise)
         self.requests: dict[str, Sequence] = {}
         self.eos_ids = set(cfg.eos_ids)
         self.async_scheduling = self.runner.device.type == "cuda" if async_scheduling is None else async_scheduling

@@ -83,16 +83,19 @@ class ModelRunner:
     cuda_graph: replay steps from CUDA graphs (default: on CUDA; on a CPU, True runs the same static-buffer paths
     eagerly, for tests). use_triton: Triton attention kernels (default: on CUDA); mixed steps are graphed only with
     them. torch_compile: compile the decoder layers first (default: wherever CUDA graphs are on; it changes the
-    served model in place, and the graphs then capture the compiled kernels). fuse_projections: serve a copy of the
-    model whose layers compute q|k|v and gate|up in one matmul each (fused_projections.py; quantized projections too,
-    their packed codes and scales stacked by rows). kv_dtype: the KV pools' dtype if not the model's (FP8). The pool
-    gets one extra block beyond the allocator's, a scratch block for graph padding.
+    served model in place, and the graphs then capture the compiled kernels). triton_elementwise: uncompiled on
+    CUDA, the fused layers' norms, rope and activation run as the kernels of triton_elementwise.py.
+    fuse_projections: serve a copy of the model whose layers compute q|k|v and gate|up in one matmul each
+    (fused_projections.py; quantized projections too, their packed codes and scales stacked by rows). kv_dtype: the
+    KV pools' dtype if not the model's (FP8). The pool gets one extra block beyond the allocator's, a scratch block
+    for graph padding.
     """
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int = 2048,
                  max_num_seqs: int = 256, cuda_graph: bool | None = None, use_triton: bool | None = None,
                  torch_compile: bool | None = None, max_num_batched_tokens: int = 2048,
-                 fuse_projections: bool = True, kv_dtype: torch.dtype | None = None):
+                 fuse_projections: bool = True, kv_dtype: torch.dtype | None = None,
+                 triton_elementwise: bool = True):
         # Before compiling and capturing: the compiled layers and the graphs are those of the model actually served.
         self.model = model = fused_projections.fuse_projections(model) if fuse_projections else model
         p = next(model.parameters())
@@ -106,6 +109,8 @@ class ModelRunner:
         use_graphs = on_cuda if cuda_graph is None else cuda_graph
         if (use_graphs and on_cuda) if torch_compile is None else torch_compile:
             compile_layers(model)
+        elif on_cuda and triton_elementwise and isinstance(model, fused_projections.FusedTransformer):
+            model.use_triton_elementwise()  # by hand, the elementwise fusion that compiling would have done
         elif self.device.type == "cpu" and isinstance(model, fused_projections.FusedTransformer):
             cpu_linear.pack_layers(model)  # a serving copy only (inductor cannot compile the packed weights)
         self.lm_head = packed_lm_head(model) if self.device.type == "cpu" else model.lm_head
