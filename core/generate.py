@@ -60,7 +60,8 @@ class GenerationResult:
         return steps * len(self.tokens) / sum(self.token_times_s) if steps else 0.0
 
 
-def _left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and positions [b, width], left-padded with position EMPTY (masked out of attention)."""
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     pos = torch.full((len(prompts), width), EMPTY, dtype=torch.long)
@@ -137,7 +138,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
         model, len(prompts), longest + params.max_tokens)
     step_model = torch.compile(model, dynamic=False) if compile else model
     decode_step = None
-    ids, pos = _left_pad(prompts, device)
+    ids, pos = left_pad(prompts, device)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     next_pos = pos[:, -1:] + 1

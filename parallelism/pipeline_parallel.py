@@ -21,8 +21,8 @@ from torch import nn
 
 from core.__main__ import add_model_args
 from core.errors import UserError, cli
-from core.generate import SamplingParams, chat_prompt, sample
-from core.kv_cache import EMPTY, StaticKVCache
+from core.generate import SamplingParams, chat_prompt, left_pad, sample
+from core.kv_cache import StaticKVCache
 from core.loading import load_model, load_tokenizer, resolve_dtype
 from core.measure import gpu_peak_mb, peak_rss_mb
 from core.model import Transformer
@@ -67,17 +67,6 @@ class PipelineStage(nn.Module):
         return self.lm_head(self.norm(x[:, -1])) if self.last else x
 
 
-def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and positions [b, width], left-padded with position EMPTY (as core.generate does)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    pos = torch.full((len(prompts), width), EMPTY, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        pos[i, width - len(p):] = torch.arange(len(p))
-    return ids, pos
-
-
 @torch.inference_mode()
 def pipeline_generate(stage: PipelineStage, prompts: list[list[int]], params: SamplingParams,
                       num_microbatches: int, device: torch.device) -> dict:
@@ -94,9 +83,7 @@ def pipeline_generate(stage: PipelineStage, prompts: list[list[int]], params: Sa
         raise UserError(f"--num-microbatches must be between 1 and the batch size {len(prompts)}")
     bounds = [split_evenly(len(prompts), num_microbatches, m) for m in range(num_microbatches)]
     groups = [prompts[lo:hi] for lo, hi in bounds]
-    padded = [left_pad(g) for g in groups]
-    ids = [i.to(device) for i, _ in padded]
-    pos = [p.to(device) for _, p in padded]
+    ids, pos = zip(*(left_pad(g, device) for g in groups))
     caches = [stage.new_cache(len(g), ids[m].shape[1] + params.max_tokens) for m, g in enumerate(groups)]
     hidden = stage.model.config.hidden_size
     dtype = next(stage.layers.parameters()).dtype
