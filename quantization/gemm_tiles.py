@@ -1,11 +1,11 @@
 """Which tile shapes make triton_gemm.py's INT4 GEMM fastest, per row count: the sweep behind its TILES table.
 
-For each Llama-2-7B projection as our engine serves it (q|k|v and gate|up fused: fused_projections.py), each row
-count, and each candidate (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split-K), the time of one call replayed from a
-CUDA graph with L2 flushed first (core.measure.graph_replay_us, as gemm_bench.py times it), next to BF16 (cuBLAS),
-tinygemm (up to 16 rows) and the table's current choice. Few rows: the kernel only reads W, so what matters is how
-many bytes are in flight (wide K tiles, enough programs: split-K); many rows: how often a weight tile is unpacked
-(tall M tiles).
+For each Llama-2-7B projection as our engine serves it (q|k|v and gate|up fused: fused_projections.py; the 70b_
+shapes are Llama-2-70B's), each row count, each kernel (`--kernels`: plain, factored) and each candidate (BLOCK_M,
+BLOCK_N, BLOCK_K, warps, stages, split-K), the time of one call replayed from a CUDA graph with L2 flushed first
+(core.measure.graph_replay_us, as gemm_bench.py times it), next to BF16 (cuBLAS), tinygemm (up to 16 rows) and the
+table's current choice. Few rows: the kernel only reads W, so what matters is how many bytes are in flight (wide K
+tiles, enough programs: split-K); many rows: how often a weight tile is unpacked (tall M tiles).
 Random weights: speed only. Prints the best candidates per (shape, rows) and writes every timing as JSON.
 
     python -m quantization.gemm_tiles --out tiles.json        # on an H100: a few minutes (most of it compiling)
@@ -25,20 +25,26 @@ from core.errors import UserError, cli
 from core.measure import graph_replay_us
 from quantization.linear import Int4Linear
 
-SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}  # (N, K)
+SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),  # (N, K)
+          "70b_qkv": (10240, 8192), "70b_o": (8192, 8192), "70b_gate_up": (57344, 8192), "70b_down": (8192, 28672)}
 ROWS = (1, 16, 32, 64, 128, 256)
 
 
-def candidates(M: int, K: int, group: int) -> list[dict]:
-    """Few rows: one 16-row M tile, and the reading is what to tune; many rows: taller M tiles too."""
+def candidates(M: int, K: int, group: int, kernels: tuple[str, ...]) -> list[dict]:
+    """Few rows: one 16-row M tile, and the reading is what to tune; many rows: taller M tiles too. The factored
+    kernel takes K tiles within a group, and deeper pipelines (its tiles are smaller)."""
     block_ms = (16,) if M <= 16 else (32,) if M <= 32 else (64, 128)
     splits = (1, 2, 4, 8, 16) if M <= 32 else (1, 2, 4)
     out = []
-    for bm, bn, bk, warps, stages in itertools.product(block_ms, (32, 64, 128), (128, 256, 512), (4, 8), (2, 4)):
-        if K % bk or (bk % group and group % bk) or (M > 32 and bk > 256):
-            continue
-        out += [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, SPLIT=split)
-                for split in splits if split <= K // bk]
+    for kernel in kernels:
+        factored = kernel == "factored"
+        block_ks = (64, 128) if factored else (128, 256, 512)
+        for bm, bn, bk, warps, stages in itertools.product(block_ms, (32, 64, 128), block_ks, (4, 8),
+                                                           (2, 4, 6) if factored else (2, 4)):
+            if K % bk or (bk % group and group % bk) or (M > 32 and bk > 256) or (factored and group % bk):
+                continue
+            out += [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, SPLIT=split,
+                         FACTORED=factored) for split in splits if split <= K // bk]
     return out
 
 
@@ -51,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--top", type=int, default=3, help="best candidates printed per (shape, rows)")
+    parser.add_argument("--kernels", default="plain,factored", help="which GEMM kernels' tiles to sweep")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             tinygemm = graph_replay_us(lambda: q(x), 5, args.repeats) if M <= 16 else float("nan")
             table = block_config(M, N, K, args.group_size, x.device)
             timings = []
-            for config in [table] + candidates(M, K, args.group_size):
+            for config in [table] + candidates(M, K, args.group_size, tuple(args.kernels.split(","))):
                 run = lambda: int4_matmul(x, q.qweight, q.scales, q.zeros, q.group_size, config=config)  # noqa: E731
                 try:
                     err = ((run().float() - ref).abs().max() / ref.abs().max()).item()

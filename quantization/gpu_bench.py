@@ -5,16 +5,23 @@ half of BF16's time and INT4 a quarter, if the kernel reads packed weights direc
 precision[:backend][:compile]: backend "torch" is PyTorch's weight-only kernels (tinygemm for INT4,
 _weight_int8pack_mm for INT8), "triton" our matrix-vector kernels (triton_gemv.py), "dequant" unpacks to BF16 before a
 normal matmul; "compile" runs the decode step through torch.compile (which fuses the small elementwise kernels of
-norms, RoPE and SwiGLU, and can fuse an INT8 dequant into the matmul). Random weights of the model's shape.
+norms, RoPE and SwiGLU, and can fuse an INT8 dequant into the matmul); "fused" stacks q|k|v and gate|up into one
+projection each, as a serving engine does (our engine's engines/ours/fused_projections.py): five matrix-vector
+products per layer become two, larger ones, and each kernel launch has a fixed cost. `--int4-head` also makes the LM
+head and the embedding INT4 (group 32, quantization.linear.quantize_embeddings); checkpoint formats keep them in 16
+bits. "factored" (INT4, triton) multiplies up to 16 rows, one included, with triton_gemm.py's factored kernel.
+Random weights of the model's shape.
 
     python -m quantization.gpu_bench --model llama2-7b                 # on an H100: a few minutes
     python -m quantization.gpu_bench --configs bf16,int4:torch --max-tokens 64
     python -m quantization.gpu_bench --model llama2-70b --configs int4:torch    # 70B INT4 on one 80 GB GPU
+    python -m quantization.gpu_bench --configs int4:torch:compile:fused,int4:triton:compile:fused --int4-head
     python -m quantization.gpu_bench --model tiny --device cpu --configs bf16,int4:torch   # code path check only
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -29,15 +36,16 @@ from core.loading import LoadedModel, load_model, resolve_device
 from core.measure import gpu_peak_mb
 from core.model import DecoderLayer, Transformer
 from core.registry import REGISTRY
-from quantization.linear import LAYER_LINEARS, pick_group_size, quantize_linear, set_module, weight_bytes
+from quantization.linear import (LAYER_LINEARS, Int4Linear, pick_group_size, quantize_embeddings, quantize_linear,
+                                 set_backend, set_module, weight_bytes)
 
 MAX_KERNEL_ERROR = 2e-2  # bfloat16 rounding stays well below; any layout bug is far above
 DEFAULT_CONFIGS = ("bf16,bf16:compile,int8:dequant,int8:torch,int8:triton,int8:triton:compile,int4:dequant,int4:torch,"
                    "int4:torch:compile,int4:triton,int4:triton:compile")
 
 
-def build(model_name: str, device: str, precision: str, backend: str, group_size: int
-          ) -> tuple[LoadedModel, float]:
+def build(model_name: str, device: str, precision: str, backend: str, group_size: int, fused: bool = False,
+          int4_head: bool = False) -> tuple[LoadedModel, float]:
     """Random weights of the model's shape, BF16 or quantized with our modules.
 
     Quantized models are built one decoder layer at a time (random BF16 layer on the device, quantize, next), so the
@@ -45,7 +53,7 @@ def build(model_name: str, device: str, precision: str, backend: str, group_size
     its BF16 weights (138 GB) never fit. Returns the model and the largest `kernel_error` of layer 0's projections.
     """
     if precision == "bf16":
-        return load_model(model_name, device, "bfloat16", random_weights=True), 0.0
+        return finish(load_model(model_name, device, "bfloat16", random_weights=True), fused), 0.0
     spec = REGISTRY.get(model_name)
     if spec is None:
         raise UserError(f"gpu_bench takes a registered model name ({', '.join(REGISTRY)}), got {model_name!r}")
@@ -72,14 +80,31 @@ def build(model_name: str, device: str, precision: str, backend: str, group_size
             q.backend = backend
             if module is model.layers[0]:
                 errors.append(kernel_error(q))
-            if precision == "int4" and backend == "torch":
+            if precision == "int4" and backend == "torch" and not fused:
                 q.use_kernel_only()  # the kernel's layout replaces ours: weight bytes counted once
             set_module(module, name, q)
     if spec.config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    if int4_head:
+        quantize_embeddings(model)
+        set_backend(model, backend)
+    lm = finish(LoadedModel(model.eval(), model_name, True, None), fused)
+    if precision == "int4" and backend == "torch" and fused:  # tinygemm's layout of the stacked weights
+        for m in lm.model.layers.modules():  # (an INT4 head keeps ours too: the embedding gathers its rows)
+            if isinstance(m, Int4Linear) and m.qweight.numel():
+                m.use_kernel_only()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    return LoadedModel(model.eval(), model_name, True, None), max(errors)
+    return lm, max(errors)
+
+
+def finish(lm: LoadedModel, fused: bool) -> LoadedModel:
+    """With `fused`, the model to time is a serving copy with q|k|v and gate|up stacked (our engine's); the separate
+    modules become views of the stacked weights, so nothing is held twice."""
+    if not fused:
+        return lm
+    from engines.ours.fused_projections import fuse_projections  # the engine's, so both time the same model
+    return dataclasses.replace(lm, model=fuse_projections(lm.model))
 
 
 @torch.no_grad()
@@ -123,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-cuda-graph", action="store_true", help="launch every kernel from Python instead")
+    parser.add_argument("--int4-head", action="store_true", help="INT4 LM head and embedding (group 32) in the "
+                        "quantized configs")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)  # a CPU run only checks the code path (tests); the numbers are for GPUs
@@ -132,12 +159,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for config in args.configs.split(","):
         parts = config.split(":")
-        precision, compile = parts[0], "compile" in parts
-        backend = next((p for p in parts[1:] if p != "compile"), "dequant")
+        precision, compile, fused = parts[0], "compile" in parts, "fused" in parts
+        backend = next((p for p in parts[1:] if p not in ("compile", "fused", "factored")), "dequant")
+        if device.type == "cuda":  # INT4 "triton" up to 16 rows: the factored GEMM, or the matrix-vector kernel
+            from quantization import triton_gemm
+            triton_gemm.FACTORED_MAX_ROWS = 16 if "factored" in parts else 0
         if precision not in ("bf16", "int8", "int4"):
             raise UserError(f"unknown precision in {config!r} (bf16, int8, int4)")
         t0 = time.perf_counter()
-        lm, err = build(args.model, str(device), precision, backend, args.group_size)
+        lm, err = build(args.model, str(device), precision, backend, args.group_size, fused,
+                        args.int4_head and precision != "bf16")
         nbytes = weight_bytes(lm.model)
         row = {"config": config, "model": lm.label, "weight_gb": nbytes / 1e9, "kernel_rel_error": err}
         try:
@@ -154,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.out:  # after every row: a run cut short still leaves what it measured
             args.out.write_text(json.dumps({"device": device_name, "copy_bandwidth_gbs": bandwidth,
                                             "torch": torch.__version__, "rows": rows}, indent=2))
-        print(f"  {config:<24} " + (f"{row['tpot_ms']:.2f} ms/token, {row['fraction_of_copy_bandwidth']:.0%} of "
+        print(f"  {config:<28} " + (f"{row['tpot_ms']:.2f} ms/token, {row['fraction_of_copy_bandwidth']:.0%} of "
               f"copy bandwidth" if "tpot_ms" in row else row["error"]), flush=True)
         del lm
         if device.type == "cuda":
@@ -164,15 +195,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{rows[0]['model'].split(' [')[0]} [RANDOM weights], batch 1, prompt {args.prompt_len}, "
           f"{args.max_tokens} tokens, {device_name}, copy bandwidth {bandwidth:.0f} GB/s, "
           f"CUDA graphs {'on' if cuda_graph else 'off'}, torch {torch.__version__}")
-    head = (f"{'config':<24}{'weights GB':>11}{'ms/token':>10}{'floor ms':>10}{'of copy BW':>12}{'peak GPU MB':>13}"
+    head = (f"{'config':<28}{'weights GB':>11}{'ms/token':>10}{'floor ms':>10}{'of copy BW':>12}{'peak GPU MB':>13}"
             f"{'kernel err':>12}")
     print(head + "\n" + "-" * len(head))
     for r in rows:
         if "tpot_ms" in r:
-            print(f"{r['config']:<24}{r['weight_gb']:>11.2f}{r['tpot_ms']:>10.2f}{r['floor_ms']:>10.2f}"
+            print(f"{r['config']:<28}{r['weight_gb']:>11.2f}{r['tpot_ms']:>10.2f}{r['floor_ms']:>10.2f}"
                   f"{r['fraction_of_copy_bandwidth']:>12.0%}{r['peak_gpu_mb']:>13.0f}{r['kernel_rel_error']:>12.1e}")
         else:
-            print(f"{r['config']:<24}{r['weight_gb']:>11.2f}  {r['error']}")
+            print(f"{r['config']:<28}{r['weight_gb']:>11.2f}  {r['error']}")
 
 
 if __name__ == "__main__":

@@ -140,17 +140,19 @@ class Int4Linear(nn.Module):
             mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
             y = mm(x2, packed, self.group_size, sz).to(x.dtype).reshape(*x.shape[:-1], -1)
         elif self.backend == "triton" and x.is_cuda:
+            from quantization import triton_gemm
             from quantization.triton_gemm import DEQUANT_MIN_ROWS, int4_dequantize, int4_matmul
             from quantization.triton_gemv import int4_matvec
             x2 = x.reshape(-1, x.shape[-1])
             if len(x2) > DEQUANT_MIN_ROWS:  # compute-bound: cuBLAS on a BF16 copy of W, made in one pass
                 w = int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, x.dtype)
                 y = F.linear(x2, w)
+            elif len(x2) == 1 and not triton_gemm.FACTORED_MAX_ROWS:
+                y = int4_matvec(x2, self.qweight, self.scales, self.zeros, self.group_size)
             else:
                 # Past one row the GEMM wins: on an H100 it took 19-36 us at 8 rows where the matrix-vector kernel,
                 # which reads the weights once per row, took 92-240 (quantization/results/h100/gemm_bench.json).
-                kernel = int4_matvec if len(x2) == 1 else int4_matmul
-                y = kernel(x2, self.qweight, self.scales, self.zeros, self.group_size)
+                y = int4_matmul(x2, self.qweight, self.scales, self.zeros, self.group_size)
             y = y.reshape(*x.shape[:-1], -1)
         else:
             codes = self.codes().to(x.dtype).view(self.out_features, -1, self.group_size)

@@ -28,6 +28,13 @@ multiplies faster than this kernel (2-3x at 256-1024 rows, above): `int4_dequant
 one-pass kernel (the same unpacking, so the same weights), and F.linear multiplies. Writing W costs about what
 reading it in BF16 does, small next to the multiply of hundreds of rows; linear.py takes that path there.
 
+A second kernel, `_int4_gemm_factored_kernel`, takes the scale and zero out of the inner loop (K tiles within one
+group): the tile fed to the tensor cores is the codes plus a constant, unpacked two at a time by one AND and one OR on
+a 32-bit word, and each channel's scale and zero are applied once per tile. Compiled for an H100 (sm_90), its loop
+issues about 4.8 instructions per weight at one row against 5.5-6.5 for the kernel above (counted in the SASS, not
+timed); config FACTORED=True selects it, gemm_tiles.py sweeps both, and block_config picks it up to
+FACTORED_MAX_ROWS rows, 0 until a GPU run shows it is faster.
+
 Block sizes come from a small table by row count, not from autotuning: a serving engine captures CUDA graphs, and
 timing configs during a capture is trouble. At one row linear.py uses triton_gemv.py's kernel instead.
 Checked against the float reference in tests/test_quantization_triton.py (Triton's CPU interpreter; float32) and
@@ -91,6 +98,64 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, SPLIT, GROUP: 
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
 
 
+@triton.jit
+def _code_pair(words, p: tl.constexpr, dtype: tl.constexpr):
+    """Codes p and p + 4 of int32 words [BLOCK_N, W] -> [BLOCK_N, W, 2] floats offset + code, offset = OFFSET[dtype].
+
+    In 16 bits both codes are unpacked by one AND and one OR on the 32-bit word: each half becomes a float whose
+    exponent is the offset's and whose low mantissa bits are the code (0x4300 | q is the bfloat16 128 + q). That is
+    one instruction per weight where a conversion per weight would run at a quarter of the ALU rate."""
+    if dtype == tl.float32:
+        lo = (((words >> (4 * p)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        hi = (((words >> (4 * p + 16)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    else:
+        bits: tl.constexpr = 0x4300 if dtype == tl.bfloat16 else 0x6400
+        both = ((words >> (4 * p)) & 0x000F000F) | (bits << 16 | bits)
+        lo = (both & 0xFFFF).to(tl.uint16).to(dtype, bitcast=True)
+        hi = (both >> 16).to(tl.uint16).to(dtype, bitcast=True)
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _offset_codes(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """int32 words [BLOCK_N, BLOCK_K/8] (code i of word j is input 8j + i) -> [BLOCK_N, BLOCK_K] of offset + code.
+
+    Column c = 8j + 2p + h holds input 8j + p + 4h (tile_inputs below): the order in which _code_pair leaves them."""
+    a = tl.join(tl.join(_code_pair(words, 0, dtype), _code_pair(words, 1, dtype)),
+                tl.join(_code_pair(words, 2, dtype), _code_pair(words, 3, dtype)))  # [BLOCK_N, W, h, p % 2, p // 2]
+    return tl.reshape(tl.permute(a, (0, 1, 4, 3, 2)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit(do_not_specialize=["M", "SPLIT"])
+def _int4_gemm_factored_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, SPLIT, GROUP: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               OFFSET: tl.constexpr, PRECISION: tl.constexpr):
+    """_int4_gemm_kernel with the scale and zero taken out of the inner loop: per K tile (within one group)
+    sum_k (q - z) s x = s (sum_k (OFFSET + q) x - (OFFSET + z) sum_k x), so the tile fed to the tensor cores is the
+    codes plus a constant, which is exact and costs one instruction per two weights, and the scale and zero are
+    applied once per channel and row instead of once per weight."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = m < M, n < N
+    c = tl.arange(0, BLOCK_K)
+    tile_inputs = (c // 8) * 8 + (c % 8) // 2 + 4 * (c % 2)  # see _offset_codes
+    x_tile = x_ptr + m[None, :] * K + tile_inputs[:, None]  # x^T [BLOCK_K, BLOCK_M] in the tile's column order
+    w_tile = w_ptr + n[:, None] * (K // 8) + tl.arange(0, BLOCK_K // 8)[None, :]  # int32 words [BLOCK_N, BLOCK_K/8]
+    sz = n * (K // GROUP)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for t in range(tl.program_id(2), K // BLOCK_K, SPLIT):
+        k0 = t * BLOCK_K
+        xt = tl.load(x_tile + k0, mask=m_ok[None, :], other=0.0)
+        words = tl.load(w_tile + k0 // 8, mask=n_ok[:, None], other=0).to(tl.uint32, bitcast=True)
+        s = tl.load(s_ptr + sz + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz + k0 // GROUP, mask=n_ok, other=0).to(tl.float32)
+        d = tl.dot(_offset_codes(words, BLOCK_N, BLOCK_K, x_ptr.dtype.element_ty), xt, input_precision=PRECISION)
+        x_sum = tl.sum(xt.to(tl.float32), 0)
+        acc += s[:, None] * (d - (OFFSET + z)[:, None] * x_sum[None, :])
+    y = y_ptr + tl.program_id(2) * M * N + m[None, :] * N + n[:, None]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+
+
 @triton.jit(do_not_specialize=["MN", "SPLIT"])
 def _sum_splits_kernel(part_ptr, y_ptr, MN, SPLIT, BLOCK: tl.constexpr):
     """y = sum over the SPLIT float32 partial products [SPLIT, M, N], added in order, written in y's dtype: one pass
@@ -128,6 +193,7 @@ def k_tile(group_size: int, max_k: int = 128, K: int | None = None) -> int:
     return block_k
 
 
+OFFSETS = {torch.bfloat16: 128.0, torch.float16: 1024.0, torch.float32: 0.0}  # see _code_pair
 DEQUANT_MIN_ROWS = 128  # beyond this many rows linear.py dequantizes W and lets cuBLAS multiply
 
 
@@ -153,6 +219,9 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 # Many rows: tall x tiles and wide channel tiles, so each unpacked weight tile serves more rows (the unpacking, not
 # the dot, is what grows with M / BLOCK_M).
 TILES = ((16, 16, 64, 256, 4, 4), (32, 32, 64, 256, 4, 4), (64, 64, 128, 256, 8, 4), (None, 128, 128, 256, 8, 2))
+# Up to this many rows the table picks the factored kernel (scale and zero out of the inner loop). 0 until it has
+# been timed against the plain kernel and tinygemm on a GPU (gpu_bench.py's "factored" configs set it to 16).
+FACTORED_MAX_ROWS = 0
 
 
 @functools.lru_cache
@@ -169,7 +238,8 @@ def _shared_memory(device: torch.device) -> int:  # bytes a program may use: 227
 
 def block_config(M: int, N: int, K: int, group_size: int, device: torch.device) -> dict:
     _, block_m, block_n, max_k, warps, stages = next(t for t in TILES if t[0] is None or M <= t[0])
-    block_k = k_tile(group_size, max_k, K)
+    factored = M <= FACTORED_MAX_ROWS
+    block_k = k_tile(group_size, min(max_k, group_size) if factored else max_k, K)
     # The H100's table on a GPU with less shared memory: fewer pipeline stages, then narrower K tiles, until each
     # stage's x tile (2-byte values) and packed weight tile fit.
     while stages * block_k * (block_m * 2 + block_n // 2) > _shared_memory(device) and (stages > 2 or block_k > 32):
@@ -184,7 +254,8 @@ def block_config(M: int, N: int, K: int, group_size: int, device: torch.device) 
     while (split * 2 <= (8 if M <= 16 else 4) and tiles * split * 2 <= 4 * _sm_count(device)
            and split * 2 <= K // block_k):
         split *= 2
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages,
+                FACTORED=factored)
 
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -213,9 +284,18 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
                       device=x.device)
     # float32 (the tests) multiplies in full precision: TF32 keeps 10 mantissa bits and would fail an exact check.
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    _int4_gemm_kernel[grid](x.contiguous(), qweight.contiguous(), scales.contiguous(), zeros.contiguous(), out, M,
-                            N, K, config.pop("SPLIT"), group_size, TILE_GROUPS=max(1, block_k // group_size),
-                            PRECISION=precision, **config)
+    split = config.pop("SPLIT")
+    if config.pop("FACTORED", False):
+        if group_size % block_k or x.dtype not in OFFSETS:
+            raise ValueError(f"the factored kernel takes K tiles within a group (BLOCK_K {block_k}, group "
+                             f"{group_size}) and {', '.join(map(str, OFFSETS))} inputs (got {x.dtype})")
+        _int4_gemm_factored_kernel[grid](x.contiguous(), qweight.contiguous().view(torch.int32), scales.contiguous(),
+                                         zeros.contiguous(), out, M, N, K, split, group_size,
+                                         OFFSET=OFFSETS[x.dtype], PRECISION=precision, **config)
+    else:
+        _int4_gemm_kernel[grid](x.contiguous(), qweight.contiguous(), scales.contiguous(), zeros.contiguous(), out,
+                                M, N, K, split, group_size, TILE_GROUPS=max(1, block_k // group_size),
+                                PRECISION=precision, **config)
     if grid[2] == 1:
         return out[0]
     # Partial sums added in a fixed order: the same input gives the same output, bit for bit, every call.

@@ -52,7 +52,7 @@ def check_gemm(device: str = "cpu", dtype=torch.float32, tol: float = 1e-4) -> N
     """int4_matmul against x @ W^T in float64, max error relative to the output's scale; then swapped nibbles fail."""
     from quantization.packing import pack_int4
     from quantization.rtn import dequantize_int4
-    from quantization.triton_gemm import int4_matmul
+    from quantization.triton_gemm import FACTORED_MAX_ROWS, int4_matmul
     torch.manual_seed(0)
     for n, k, group in GEMM_SHAPES:
         codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device)
@@ -62,12 +62,16 @@ def check_gemm(device: str = "cpu", dtype=torch.float32, tol: float = 1e-4) -> N
             qweight = pack_int4(codes)
             w = dequantize_int4(codes, scales, zeros).double()
             # A K tile spanning several groups (each group's scale over its own columns), where K allows one.
-            wide = next(({"BLOCK_K": bk} for bk in (256, 128, 64) if bk > group and k % bk == 0), None)
+            # (The factored kernel, the table's choice up to FACTORED_MAX_ROWS rows, takes K tiles within a group.)
+            wide = next(({"BLOCK_K": bk, "FACTORED": False} for bk in (256, 128, 64) if bk > group and k % bk == 0),
+                        None)
             for rows in (1, 9, 33):  # M tiles of 16 and 64: ragged edges
                 x = torch.randn(rows, k, device=device).to(dtype)
                 expected = x.double() @ w.T
                 # The table's split-K, none, and one that leaves a program no K tile; then the wide tile.
-                for split, config in ((None, None), (1, None), (3, None), (2, wide)):
+                # Every row count through both kernels: the factored one (the table's up to 16 rows) and the other.
+                other = {"FACTORED": rows > FACTORED_MAX_ROWS, "BLOCK_K": min(group, 64)}
+                for split, config in ((None, None), (1, None), (3, None), (2, wide), (None, other)):
                     got = int4_matmul(x, qweight, scales, zeros, group, split, config)
                     assert got.dtype == dtype and got.shape == (rows, n)
                     err = (got.double() - expected).abs().max() / expected.abs().max()

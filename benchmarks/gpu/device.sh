@@ -247,6 +247,20 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
         $([ $mode = eager ] && echo --eager-elementwise) --out "$OUT/profile_kernels_7b_int4_256_fp8_$mode.json"
     done
     ;;
+  a14)  # INT4 at batch 1 through triton_gemm.py's factored GEMM (scale and zero out of the inner loop): its GPU tests,
+        # then the 7B and 70B decode with q|k|v and gate|up fused and an INT4 head, against tinygemm on the same machine
+    run gpu_tests_int4 80 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
+    run quant_7b_fused 170 python -m quantization.gpu_bench --model llama2-7b --int4-head \
+      --configs int4:triton:compile:fused:factored,int4:torch:compile:fused,int4:triton:compile:fused \
+      --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_fused.json"
+    run quant_70b_fused 200 python -m quantization.gpu_bench --model llama2-70b --int4-head \
+      --configs int4:triton:compile:fused:factored,int4:torch:compile:fused --max-tokens 32 --repeats 2 \
+      --out "$OUT/quant_gpu_70b_fused.json"
+    ;;
+  a15)  # the factored kernel's tiles against the plain kernel's, one row, 7B and 70B projections
+    run gemm_tiles_factored 500 python -m quantization.gemm_tiles --rows 1 --repeats 10 --top 3 \
+      --shapes o,qkv,gate_up,down,70b_o,70b_qkv,70b_gate_up,70b_down --out "$OUT/gemm_tiles_factored.json"
+    ;;
   a3)  # the same, split-K over the sequence (flash-decoding) at every batch size, for both head layouts
     run attention_splits 300 python -m engines.attention_bench --cases \
       smollm2-135m:256:256,smollm2-135m:128:512,smollm2-135m:32:512,llama2-7b:256:256,llama2-7b:64:256 \
