@@ -249,11 +249,11 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     ;;
   a14)  # INT4 at batch 1 through triton_gemm.py's factored GEMM (scale and zero out of the inner loop): its GPU tests,
         # then the 7B and 70B decode with q|k|v and gate|up fused and an INT4 head, against tinygemm on the same machine
-    run gpu_tests_int4 80 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
-    run quant_7b_fused 200 python -m quantization.gpu_bench --model llama2-7b --int4-head \
+    run gpu_tests_int4 60 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
+    run quant_7b_fused 170 python -m quantization.gpu_bench --model llama2-7b --int4-head \
       --configs int4:triton:compile:fused:factored,int4:torch:compile:fused,int4:triton:compile:fused \
       --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_fused.json"
-    run quant_70b_fused 220 python -m quantization.gpu_bench --model llama2-70b --int4-head \
+    run quant_70b_fused 190 python -m quantization.gpu_bench --model llama2-70b --int4-head \
       --configs int4:triton:compile:fused:factored,int4:torch:compile:fused --max-tokens 32 --repeats 2 \
       --out "$OUT/quant_gpu_70b_fused.json"
     ;;
