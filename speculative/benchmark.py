@@ -5,7 +5,9 @@ conversation with "refactor this code"), and edit (a reply's text with "rewrite/
 prompt the script runs plain decoding and each method back to back (interleaved, so a noisy machine hurts them
 alike), checks that the greedy output is token for token the plain one, and reports tokens/s, speed-up, tokens per
 target pass (accepted drafts + 1) and the acceptance rate per draft position; then a sweep of k for the draft model
-and prompt lookup, plotted as speed-up vs k.
+and prompt lookup, plotted as speed-up vs k. On a CPU every Linear (plain decoding's too) runs from weights prepacked
+for oneDNN unless `--linear plain`: PyTorch's default GEMM makes a pass of a few tokens cost 1.5-2x a one-token
+step on this AMD CPU, and that, not the methods, decided the CPU speed-ups before (speculative/verify_cost.py).
 
     python -m speculative.benchmark --threads 1                       # this CPU, a few minutes
     python -m speculative.benchmark --device cuda --num-prompts 8 --max-tokens 256 --out spec_gpu.json
@@ -23,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from core.__main__ import add_model_args
+from core.cpu_linear import can_pack, pack_linears
 from core.data import conversations
 from core.errors import UserError, cli
 from core.generate import SamplingParams, chat_prompt
@@ -110,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window-size", type=int, default=4)
     parser.add_argument("--ngram-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy CPU)")
+    parser.add_argument("--linear", choices=("packed", "plain"), default="packed",
+                        help="on a CPU, every Linear from weights prepacked for oneDNN (core/cpu_linear.py), for plain "
+                             "decoding and every method alike, or PyTorch's default (plain)")
     parser.add_argument("--out", default=None, help="JSON results")
     parser.add_argument("--plot", default="speculative/speedup_vs_k.png")
     args = parser.parse_args(argv)
@@ -121,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model, args.device, args.dtype, args.random_weights)
     model, tok = lm.model, lm.tokenizer
+    packed = args.linear == "packed" and can_pack(model.lm_head)  # CPU only; before the draft shares the layers
+    if packed:
+        pack_linears(model)
     draft, draft_label = load_draft(lm, args.draft_model, args.draft_layers, args.device, args.dtype)
     heads_paths = [Path(h) for h in args.heads.split(",")] if args.heads else committed_heads(lm.name)
     all_heads = [load_heads(path, model) for path in heads_paths]
@@ -163,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
                                      "stats": result.stats, "identical": result.tokens == plain.tokens})
 
     report = {"model": lm.label, "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
+              "linear": "oneDNN packed" if packed else "F.linear",
               "draft": draft_label, "heads": [str(p) for p in heads_paths] if all_heads else None,
               "max_tokens": args.max_tokens, "num_prompts_per_kind": args.num_prompts,
               "prompts": "ShareGPT evaluation split", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -173,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         report["results"][kind] = {name: summarise(rs, plain_s, plain_tokens) for name, rs in runs[kind].items()}
 
     print(f"\n{lm.label}, batch 1, greedy, {args.max_tokens} new tokens, {args.num_prompts} ShareGPT evaluation "
-          f"prompts per kind, {torch.get_num_threads()} thread(s); {draft_label}")
+          f"prompts per kind, {torch.get_num_threads()} thread(s), {report['linear']} Linear; {draft_label}")
     head = f"{'kind':<6}{'method':<40}{'tok/s':>8}{'speed-up':>9}{'tok/pass':>9}{'same':>6}  acceptance per position"
     print(head + "\n" + "-" * len(head))
     for kind, res in report["results"].items():

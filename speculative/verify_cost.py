@@ -6,7 +6,9 @@ tree, a lookahead window) that emits `tokens per pass` tokens. So its speed-up i
     tokens per pass / (cost of a T-token pass / cost of a 1-token pass)
 
 before any proposal cost. On a GPU at batch 1 a pass of a few dozen tokens costs about what one token costs (the
-weights are read once either way); on a CPU it does not, and this script measures by how much.
+weights are read once either way); on a CPU it does not, and this script measures by how much, with PyTorch's
+default Linear (MKL's GEMM, which takes slow paths for a few rows on AMD CPUs) and with the weights prepacked for
+oneDNN (core/cpu_linear.py, what speculative/benchmark.py uses on a CPU).
 
     python -m speculative.verify_cost                    # default model, this CPU
     python -m speculative.verify_cost --sizes 1,5,20 --out cost.json
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from core.__main__ import add_model_args
+from core.cpu_linear import can_pack, pack_linears
 from core.errors import cli
 from core.loading import load_model
 from speculative.common import RollbackKVCache, forward
@@ -62,14 +65,17 @@ def main(argv: list[str] | None = None) -> None:
     sizes = sorted({1, *(int(s) for s in args.sizes.split(","))})
     lm = load_model(args.model, args.device, args.dtype, args.random_weights)
     device = next(lm.model.parameters()).device
-    times = pass_times(lm.model, sizes)
+    results = {"F.linear": pass_times(lm.model, sizes)}
+    if device.type == "cpu" and can_pack(lm.model.lm_head):
+        results["oneDNN packed"] = pass_times(pack_linears(lm.model), sizes)
     print(f"{lm.label} on {device}, batch 1, 200 cached tokens; median of 36 passes each")
-    print(f"{'tokens per pass':>16}{'ms':>10}{'x a 1-token step':>18}")
-    for T, s in times.items():
-        print(f"{T:>16}{s * 1e3:>10.2f}{s / times[1]:>18.2f}")
+    print(f"{'tokens per pass':>16}" + "".join(f"{name + ' ms':>20}{'x 1 token':>11}" for name in results))
+    for T in sizes:
+        print(f"{T:>16}" + "".join(f"{t[T] * 1e3:>20.2f}{t[T] / t[1]:>11.2f}" for t in results.values()))
     if args.out:
         args.out.write_text(json.dumps({"model": lm.label, "device": str(device), "threads": torch.get_num_threads(),
-                                        "seconds": {str(T): s for T, s in times.items()}}, indent=2))
+                                        "seconds": {name: {str(T): s for T, s in t.items()}
+                                                    for name, t in results.items()}}, indent=2))
 
 
 if __name__ == "__main__":

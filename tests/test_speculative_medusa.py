@@ -43,6 +43,29 @@ def test_greedy_identical_tiny_random_heads(tiny):
     assert run_medusa(tiny.model, conditioned, prompt, p).tokens == plain
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_packed_linears_keep_the_model_and_medusa_exact():
+    """The CPU benchmark's model: every Linear prepacked for oneDNN (core.cpu_linear.pack_linears) computes what
+    it did, and Medusa on it still equals plain greedy decoding of it."""
+    from core.cpu_linear import PackedLinear, pack_linears
+    from core.loading import load_model
+    model = load_model("tiny", "cpu", "float32", random_weights=True).model  # its own copy: packing is in place
+    ids = torch.tensor([[1, 7, 8, 9, 7, 8]])
+    with torch.inference_mode():
+        before = model(ids)
+        pack_linears(model)
+        after = model(ids)
+    assert isinstance(model.lm_head, PackedLinear)
+    assert all(isinstance(getattr(layer.self_attn, n), PackedLinear) for layer in model.layers
+               for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert all(isinstance(getattr(layer.mlp, n), PackedLinear) for layer in model.layers
+               for n in ("gate_proj", "up_proj", "down_proj"))
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    p = SamplingParams(max_tokens=30, ignore_eos=True)
+    plain = speculative_generate(model, ids[0].tolist(), p).tokens
+    assert run_medusa(model, _random_heads(model), ids[0].tolist(), p).tokens == plain
+
+
 def test_accepted_path_off_the_chain_is_moved_into_place(smollm):
     """Heads whose best guesses are always wrong but whose second guesses are right: every accepted path leaves the
     chain of best guesses, so keep_path must move the tokens, and the output must still equal plain greedy."""
