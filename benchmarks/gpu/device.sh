@@ -258,9 +258,9 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --out "$OUT/quant_gpu_70b_fused.json"
     ;;
   a17)  # a14's first half, for a call with little device time left: GPU tests, 7B factored against tinygemm
-    run gpu_tests_int4 60 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
-    run quant_7b_fused 170 python -m quantization.gpu_bench --model llama2-7b --int4-head \
-      --configs int4:triton:compile:fused:factored,int4:torch:compile:fused --max-tokens 64 --repeats 2 \
+    run gpu_tests_int4 50 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
+    run quant_7b_fused 180 python -m quantization.gpu_bench --model llama2-7b --int4-head \
+      --configs int4:triton:compile:fused:factored,int4:torch:compile:fused --max-tokens 32 --repeats 1 \
       --out "$OUT/quant_gpu_7b_fused.json"
     ;;
   a15)  # the factored kernel's tiles against the plain kernel's, one row, 7B and 70B projections
