@@ -25,12 +25,11 @@ import torch
 from tqdm import tqdm
 
 from core.__main__ import add_model_args
-from core.cpu_linear import can_pack, pack_linears
+from core.cpu_linear import PackedLinear
 from core.data import conversations
 from core.errors import UserError, cli
 from core.generate import SamplingParams, chat_prompt
-from core.loading import load_model
-from speculative.common import SpecStats, speculative_generate
+from speculative.common import SpecStats, load_target, speculative_generate
 from speculative.draft import load_draft, run_draft
 from speculative.lookahead import run_lookahead
 from speculative.medusa import committed_heads, load_heads, run_medusa, tree_choices
@@ -125,11 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model, args.device, args.dtype, args.random_weights)
+    lm = load_target(args, packed=args.linear == "packed")  # before the shallow draft shares its layers
     model, tok = lm.model, lm.tokenizer
-    packed = args.linear == "packed" and can_pack(model.lm_head)  # CPU only; before the draft shares the layers
-    if packed:
-        pack_linears(model)
+    packed = isinstance(model.lm_head, PackedLinear)
     draft, draft_label = load_draft(lm, args.draft_model, args.draft_layers, args.device, args.dtype)
     heads_paths = [Path(h) for h in args.heads.split(",")] if args.heads else committed_heads(lm.name)
     all_heads = [load_heads(path, model) for path in heads_paths]

@@ -12,10 +12,23 @@ from typing import Callable, Protocol
 
 import torch
 
+from core.cpu_linear import can_pack, pack_linears
 from core.errors import UserError
 from core.generate import SamplingParams, probabilities
 from core.kv_cache import EMPTY, StaticKVCache
+from core.loading import LoadedModel, load_model
 from core.model import Transformer
+
+
+def load_target(args, packed: bool = True) -> LoadedModel:
+    """The target model from the --model/--device/--dtype/--random-weights arguments; on a CPU with every Linear
+    prepacked for oneDNN (core/cpu_linear.py) unless `packed` is False: PyTorch's default CPU GEMM makes a pass of a
+    few tokens cost 1.5-2x a one-token step on our AMD CPU, oneDNN about one (verify_cost.py). Plain decoding runs
+    on the same model, so speed-ups compare like with like."""
+    lm = load_model(args.model, args.device, args.dtype, args.random_weights)
+    if packed and can_pack(lm.model.lm_head):
+        pack_linears(lm.model)
+    return lm
 
 
 class RollbackKVCache(StaticKVCache):

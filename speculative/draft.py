@@ -25,7 +25,7 @@ from core.errors import UserError, cli
 from core.generate import SamplingParams, chat_prompt, probabilities
 from core.loading import load_model
 from core.model import Transformer
-from speculative.common import RollbackKVCache, forward, speculative_generate
+from speculative.common import RollbackKVCache, forward, load_target, speculative_generate
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.k < 1:
         raise UserError("--k must be at least 1")
-    lm = load_model(args.model, args.device, args.dtype, args.random_weights)
+    lm = load_target(args)
     draft, draft_label = load_draft(lm, args.draft_model, args.draft_layers, args.device, args.dtype)
     prompt = chat_prompt(lm.tokenizer, args.prompt)
     params = SamplingParams(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed)

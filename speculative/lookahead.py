@@ -23,8 +23,7 @@ from core.__main__ import add_model_args
 from core.errors import UserError, cli
 from core.generate import SamplingParams, chat_prompt
 from core.model import Transformer
-from core.loading import load_model
-from speculative.common import SpecResult, speculative_generate
+from speculative.common import SpecResult, load_target, speculative_generate
 
 
 class LookaheadProposer:
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ngram-size", type=int, default=4, help="N: length of pool n-grams")
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args(argv)
-    lm = load_model(args.model, args.device, args.dtype, args.random_weights)
+    lm = load_target(args)
     prompt = chat_prompt(lm.tokenizer, args.prompt)
     params = SamplingParams(args.max_tokens)
     plain = speculative_generate(lm.model, prompt, params)

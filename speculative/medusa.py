@@ -27,9 +27,8 @@ from core.__main__ import add_model_args
 from core.errors import UserError, cli
 from core.generate import SamplingParams, chat_prompt, probabilities
 from core.kv_cache import attention
-from core.loading import load_model
 from core.model import Transformer
-from speculative.common import (RollbackKVCache, SpecResult, SpecStats, check_prompt, finish, pick,
+from speculative.common import (RollbackKVCache, SpecResult, SpecStats, check_prompt, finish, load_target, pick,
                                 speculative_generate, stop_ids)
 
 HEADS_DIR = Path(__file__).parent / "heads"
@@ -256,16 +255,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="heads file (default: the committed ones, speculative/heads/<model>.medusa-token...)")
     parser.add_argument("--tree", default=None,
                         help=f"candidate tree: {', '.join(TREES)}, or fitted[:N] (medusa_tree.py's, N nodes); default "
-                             "fitted on a GPU, fitted:8 on a CPU, where every token a pass verifies costs time")
+                             "fitted on a GPU, fitted:4 on a CPU, where a pass of more than 9 tokens costs more")
     parser.add_argument("--prompt", default="Give me three tips for a successful job interview.")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
-    lm = load_model(args.model, args.device, args.dtype, args.random_weights)
+    lm = load_target(args)
     found = committed_heads(lm.name)
     heads_path = args.heads or (found[0] if found else default_heads_path(lm.name))
-    tree = args.tree or ("fitted" if next(lm.model.parameters()).is_cuda else "fitted:8")
+    tree = args.tree or ("fitted" if next(lm.model.parameters()).is_cuda else "fitted:4")
     heads, choices = load_heads(heads_path, lm.model), tree_choices(tree, heads_path)
     prompt = chat_prompt(lm.tokenizer, args.prompt)
     params = SamplingParams(args.max_tokens, args.temperature, seed=args.seed)

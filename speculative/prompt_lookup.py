@@ -16,9 +16,8 @@ import torch
 from core.__main__ import add_model_args
 from core.errors import UserError, cli
 from core.generate import SamplingParams, chat_prompt
-from core.loading import load_model
 from core.model import Transformer
-from speculative.common import SpecResult, speculative_generate
+from speculative.common import SpecResult, load_target, speculative_generate
 
 
 class PromptLookupProposer:
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.k < 1:
         raise UserError("--k must be at least 1")
-    lm = load_model(args.model, args.device, args.dtype, args.random_weights)
+    lm = load_target(args)
     prompt = chat_prompt(lm.tokenizer, args.prompt)
     params = SamplingParams(args.max_tokens, args.temperature, seed=args.seed)
     plain = speculative_generate(lm.model, prompt, params)
