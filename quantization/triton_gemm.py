@@ -31,8 +31,8 @@ reading it in BF16 does, small next to the multiply of hundreds of rows; linear.
 A second kernel, `_int4_gemm_factored_kernel`, takes the scale and zero out of the inner loop (K tiles within one
 group): the tile fed to the tensor cores is the codes plus a constant, unpacked two at a time by one AND and one OR on
 a 32-bit word, and each channel's scale and zero are applied once per tile. Compiled for an H100 (sm_90), its loop
-issues about 4.8 instructions per weight at one row against 5.5-6.5 for the kernel above (counted in the SASS, not
-timed); config FACTORED=True selects it, gemm_tiles.py sweeps both, and block_config picks it up to
+issues about 4.8 instructions per weight at one row against 5.5-6.5 for the kernel above (counted in the SASS by
+`python -m quantization.kernel_sass`, not timed); config FACTORED=True selects it, gemm_tiles.py sweeps both, and block_config picks it up to
 FACTORED_MAX_ROWS rows, 0 until a GPU run shows it is faster.
 
 Block sizes come from a small table by row count, not from autotuning: a serving engine captures CUDA graphs, and

@@ -122,3 +122,21 @@ def test_triton_gemm_on_gpu():
         expected = module(x)
         module.backend = "triton"
         torch.testing.assert_close(module(x), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_kernel_sass_counts_the_longest_loop():
+    """kernel_sass.py's parser on a hand-written disassembly: the outer loop (the longest backward branch) is
+    counted, predicated instructions by their opcode, the code before and after it not at all."""
+    from quantization.kernel_sass import loop_opcodes
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   LDG.E.64 R4, desc[UR6][R10.64] ;
+.L_x_2:
+        /*0020*/                   FFMA R22, R25, R22, R16 ;
+        /*0030*/               @P0 BRA `(.L_x_2) ;
+        /*0040*/              @!P1 LOP3.LUT R25, R18, 0x3f800000, R25, 0xec, !PT ;
+        /*0050*/               @P0 BRA `(.L_x_1) ;
+        /*0060*/                   EXIT ;
+"""
+    assert loop_opcodes(sass) == {"LDG": 1, "FFMA": 1, "BRA": 2, "LOP3": 1}
