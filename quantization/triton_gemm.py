@@ -32,8 +32,8 @@ A second kernel, `_int4_gemm_factored_kernel`, takes the scale and zero out of t
 group): the tile fed to the tensor cores is the codes plus a constant, unpacked two at a time by one AND and one OR on
 a 32-bit word, and each channel's scale and zero are applied once per tile. Compiled for an H100 (sm_90), its loop
 issues about 4.8 instructions per weight at one row against 5.5-6.5 for the kernel above (counted in the SASS by
-`python -m quantization.kernel_sass`, not timed); config FACTORED=True selects it, gemm_tiles.py sweeps both, and block_config picks it up to
-FACTORED_MAX_ROWS rows, 0 until a GPU run shows it is faster.
+`python -m quantization.kernel_sass`, not timed); config FACTORED=True selects it, gemm_tiles.py sweeps both, and
+block_config picks it up to FACTORED_MAX_ROWS rows, 0 until a GPU run shows it is faster.
 
 Block sizes come from a small table by row count, not from autotuning: a serving engine captures CUDA graphs, and
 timing configs during a capture is trouble. At one row linear.py uses triton_gemv.py's kernel instead.
