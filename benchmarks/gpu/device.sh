@@ -46,6 +46,8 @@
 # Then (2026-12-06 afternoon, the same carry), planned: a13; PROMPTS=512 LATENCY_PROMPTS=256 TUNING=512:8192
 # STEPS=baseline,kv-fp8 o2. No machine came that afternoon; in the evening: the elementwise GPU tests run before
 # this script had staged the tokenizer, then that o2 (19:45); then, on another machine, a13 and the same o2 (21:07).
+# Planned next (no machine started on 2026-12-06 22:10-23:50): a14, then a15; a17 is a14's first half for a call
+# with little device time left. Random weights: carry .device-kit/smollm2-tok only.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
