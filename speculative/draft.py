@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from core.__main__ import add_model_args
+from core.cpu_linear import PackedLinear, pack_linears
 from core.errors import UserError, cli
 from core.generate import SamplingParams, chat_prompt, probabilities
 from core.loading import load_model
@@ -109,6 +110,8 @@ def load_draft(target_lm, draft_model: str | None, draft_layers: str, device: st
         if dm.tokenizer.get_vocab() != target_lm.tokenizer.get_vocab():
             raise UserError(f"draft model {draft_model!r} has a different tokenizer from the target; "
                             "speculative decoding needs the same vocabulary")
+        if isinstance(target_lm.model.lm_head, PackedLinear):  # packed like the target (common.load_target)
+            pack_linears(dm.model)
         return dm.model, dm.label
     layers = parse_layers(draft_layers, target_lm.model.config.num_layers)
     return shallow_draft(target_lm.model, layers), f"shallow draft: target layers {layers}"
