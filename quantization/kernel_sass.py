@@ -52,7 +52,7 @@ def compile_sass(kernel: str, block_n: int, block_k: int, warps: int, stages: in
 
     from quantization import triton_gemm
     fn = triton_gemm._int4_gemm_factored_kernel if kernel == "factored" else triton_gemm._int4_gemm_kernel
-    signature = {"x_ptr": "*bf16", "w_ptr": "*i32" if kernel == "factored" else "*u8", **ARGS}
+    signature = {"w_ptr": "*i32" if kernel == "factored" else "*u8", **ARGS}
     signature = {name: signature[name] for name in fn.arg_names if name in signature}
     constants = {"GROUP": 128, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRECISION": "tf32"}
     constants.update({"OFFSET": 128.0} if kernel == "factored" else {"TILE_GROUPS": max(1, block_k // 128)})

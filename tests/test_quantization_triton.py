@@ -69,7 +69,7 @@ def check_gemm(device: str = "cpu", dtype=torch.float32, tol: float = 1e-4) -> N
                 x = torch.randn(rows, k, device=device).to(dtype)
                 expected = x.double() @ w.T
                 # The table's split-K, none, and one that leaves a program no K tile; then the wide tile.
-                # Every row count through both kernels: the factored one (the table's up to 16 rows) and the other.
+                # Every row count through both kernels: the table's choice and the other one.
                 other = {"FACTORED": rows > FACTORED_MAX_ROWS, "BLOCK_K": min(group, 64)}
                 for split, config in ((None, None), (1, None), (3, None), (2, wide), (None, other)):
                     got = int4_matmul(x, qweight, scales, zeros, group, split, config)

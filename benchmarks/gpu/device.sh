@@ -46,8 +46,8 @@
 # Then (2026-12-06 afternoon, the same carry), planned: a13; PROMPTS=512 LATENCY_PROMPTS=256 TUNING=512:8192
 # STEPS=baseline,kv-fp8 o2. No machine came that afternoon; in the evening: the elementwise GPU tests run before
 # this script had staged the tokenizer, then that o2 (19:45); then, on another machine, a13 and the same o2 (21:07).
-# Planned next (no machine started on 2026-12-06 22:10-23:50): a14, then a15; a17 is a14's first half for a call
-# with little device time left. Random weights: carry .device-kit/smollm2-tok only.
+# Planned next (no machine started on 2026-12-06 22:10-23:50): a14, then a15. Random weights: carry
+# .device-kit/smollm2-tok only.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -258,12 +258,6 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     run quant_70b_fused 190 python -m quantization.gpu_bench --model llama2-70b --int4-head \
       --configs int4:triton:compile:fused:factored,int4:torch:compile:fused --max-tokens 32 --repeats 2 \
       --out "$OUT/quant_gpu_70b_fused.json"
-    ;;
-  a17)  # a14's first half, for a call with little device time left: GPU tests, 7B factored against tinygemm
-    run gpu_tests_int4 50 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
-    run quant_7b_fused 180 python -m quantization.gpu_bench --model llama2-7b --int4-head \
-      --configs int4:triton:compile:fused:factored,int4:torch:compile:fused --max-tokens 32 --repeats 1 \
-      --out "$OUT/quant_gpu_7b_fused.json"
     ;;
   a15)  # the factored kernel's tiles against the plain kernel's, one row, 7B and 70B projections
     run gemm_tiles_factored 500 python -m quantization.gemm_tiles --rows 1 --repeats 10 --top 3 \
