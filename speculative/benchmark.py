@@ -32,7 +32,8 @@ from core.generate import SamplingParams, chat_prompt
 from speculative.common import SpecStats, load_target, speculative_generate
 from speculative.draft import load_draft, run_draft
 from speculative.lookahead import run_lookahead
-from speculative.medusa import committed_heads, load_heads, run_medusa, tree_choices
+from speculative.draft_vocab import load_draft_vocab
+from speculative.medusa import CPU_DRAFT_VOCAB, committed_heads, load_heads, run_medusa, tree_choices
 from speculative.prompt_lookup import run_prompt_lookup
 
 CODE_BLOCK = re.compile(r"```[a-zA-Z]*\n(.{200,900}?)```", re.S)
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="Medusa heads file, or a comma list to compare several (default: every committed one)")
     parser.add_argument("--tree", default="default,fitted",
                         help="Medusa candidate trees, comma list: names of medusa.TREES, fitted, fitted:N (medusa_tree.py)")
+    parser.add_argument("--draft-vocab", default=None,
+                        help="tokens the Medusa heads score, comma list (0: all; draft_vocab.py); default 16384 on a "
+                             "CPU, 0 on a GPU")
     parser.add_argument("--window-size", type=int, default=4)
     parser.add_argument("--ngram-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy CPU)")
@@ -140,12 +144,18 @@ def main(argv: list[str] | None = None) -> None:
         f"lookahead W={args.window_size} N={args.ngram_size}":
             lambda p: run_lookahead(model, p, params, args.window_size, args.ngram_size),
     }
+    on_gpu = next(model.parameters()).is_cuda
+    vocab_sizes = [int(v) for v in (args.draft_vocab or ("0" if on_gpu else str(CPU_DRAFT_VOCAB))).split(",")]
+    vocabs = {size: load_draft_vocab(lm.name, model.lm_head, size) for size in vocab_sizes}
     for i, (path, heads) in enumerate(zip(heads_paths, all_heads)):
+        kind = "+chained" if heads.chained else "+token" if heads.token_conditioned else ""
         for tree_name in args.tree.split(","):
             tree = tree_choices(tree_name, path)
-            name = f"medusa{'+token' if heads.token_conditioned else ''}, {tree_name} tree ({len(tree)})"
-            name += f" #{i + 1}" if name in methods else ""
-            methods[name] = lambda p, heads=heads, tree=tree: run_medusa(model, heads, p, params, tree)
+            for size, vocab in vocabs.items():
+                name = f"medusa{kind}, {tree_name} tree ({len(tree)})" + (f", vocab {size}" if size else "")
+                name += f" #{i + 1}" if name in methods else ""
+                methods[name] = lambda p, heads=heads, tree=tree, vocab=vocab: run_medusa(model, heads, p, params,
+                                                                                          tree, vocab=vocab)
     table = ["plain", *methods]
     for k in sweep:  # k values the main table already runs are not run twice
         methods.setdefault(f"draft k={k}", lambda p, k=k: run_draft(model, draft, p, params, k))
@@ -171,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {"model": lm.label, "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
               "linear": "oneDNN packed" if packed else "F.linear",
               "draft": draft_label, "heads": [str(p) for p in heads_paths] if all_heads else None,
+              "heads_draft_vocab": vocab_sizes,
               "max_tokens": args.max_tokens, "num_prompts_per_kind": args.num_prompts,
               "prompts": "ShareGPT evaluation split", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "results": {}}
@@ -181,13 +192,13 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\n{lm.label}, batch 1, greedy, {args.max_tokens} new tokens, {args.num_prompts} ShareGPT evaluation "
           f"prompts per kind, {torch.get_num_threads()} thread(s), {report['linear']} Linear; {draft_label}")
-    head = f"{'kind':<6}{'method':<40}{'tok/s':>8}{'speed-up':>9}{'tok/pass':>9}{'same':>6}  acceptance per position"
+    head = f"{'kind':<6}{'method':<52}{'tok/s':>8}{'speed-up':>9}{'tok/pass':>9}{'same':>6}  acceptance per position"
     print(head + "\n" + "-" * len(head))
     for kind, res in report["results"].items():
         for name in table:
             r = res[name]
             acc = " ".join(f"{a:.2f}" for a in r["acceptance_rate_per_pos"][:8])
-            print(f"{kind:<6}{name:<40}{r['output_throughput']:>8.1f}{r['speedup']:>8.2f}x"
+            print(f"{kind:<6}{name:<52}{r['output_throughput']:>8.1f}{r['speedup']:>8.2f}x"
                   f"{r['mean_accepted_tokens_per_step']:>9.2f}{'yes' if r['identical_to_plain'] else 'NO':>6}  {acc}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

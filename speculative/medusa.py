@@ -30,8 +30,10 @@ from core.kv_cache import attention
 from core.model import Transformer
 from speculative.common import (RollbackKVCache, SpecResult, SpecStats, check_prompt, finish, load_target, pick,
                                 speculative_generate, stop_ids)
+from speculative.draft_vocab import DraftVocab, load_draft_vocab
 
 HEADS_DIR = Path(__file__).parent / "heads"
+CPU_DRAFT_VOCAB = 16384  # heads' vocabulary on a CPU (draft_vocab.py): 96% of ShareGPT's answer tokens
 
 # Candidate trees as paths of top-i choices per depth (Medusa's `medusa_choices`): (0, 1) is head 1's best token
 # followed by head 2's second best. Parents come before children. Each tree starts with the chain of best guesses,
@@ -45,23 +47,41 @@ TREES = {
 
 
 class MedusaHeads(nn.Module):
-    """K residual blocks; `forward(h [..., H], lm_head, next_embedding) -> logits [..., K, V]` for t+2 .. t+K+1.
+    """K residual blocks; `forward(h [..., H], lm_head, next_embedding, path_embeddings) -> logits [..., K, V]` for
+    t+2 .. t+K+1.
 
     token_conditioned: each block also reads the embedding of token t+1, which is known when the heads run (the
     target has just chosen it from h): head k then guesses t+k+1 knowing the token before the first guess, as
     Hydra's heads do for their first step. Same tree, same verification; only the heads' input grows to 2H.
+
+    chained (Hydra's sequentially dependent heads, Ankner et al. 2024, in the same residual form): head k reads the
+    state head k-1 produced and the embedding of the token at t+k, z_k = z_{k-1} + SiLU(W_k [z_{k-1}, e(x_{t+k})]),
+    z_0 = h, so every guess knows the whole path before it. Training feeds the true path (`path_embeddings`
+    [..., K, H]: the embeddings of tokens t+1 .. t+K); building a tree feeds each node's parent (Tree.tokens_chained),
+    one head per depth.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, token_conditioned: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, token_conditioned: bool = False, chained: bool = False):
         super().__init__()
-        self.token_conditioned = token_conditioned
-        width = 2 * hidden_size if token_conditioned else hidden_size
+        self.token_conditioned, self.chained = token_conditioned or chained, chained
+        width = 2 * hidden_size if self.token_conditioned else hidden_size
         self.blocks = nn.ModuleList(nn.Linear(width, hidden_size) for _ in range(num_heads))
         for block in self.blocks:
             nn.init.zeros_(block.weight)
             nn.init.zeros_(block.bias)
 
-    def forward(self, h: torch.Tensor, lm_head: nn.Linear, next_embedding: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, k: int, z: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """Chained head k (0-based): the state after one more token of the path."""
+        return z + nn.functional.silu(self.blocks[k](torch.cat([z, embedding], dim=-1)))
+
+    def forward(self, h: torch.Tensor, lm_head: nn.Module, next_embedding: torch.Tensor | None = None,
+                path_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        if self.chained:
+            z, states = h, []
+            for k in range(len(self.blocks)):
+                z = self.step(k, z, path_embeddings[..., k, :])
+                states.append(z)
+            return lm_head(torch.stack(states, dim=-2))
         x = torch.cat([h, next_embedding], dim=-1) if self.token_conditioned else h
         z = torch.stack([h + nn.functional.silu(block(x)) for block in self.blocks], dim=-2)
         return lm_head(z)  # one matmul for all heads: the LM head weight is read once
@@ -85,7 +105,8 @@ def save_heads(heads: MedusaHeads, model: Transformer, model_name: str, path: Pa
     tensors = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in heads.state_dict().items()}
     data = save(tensors, metadata={"model": model_name, "fingerprint": model_fingerprint(model),
                                    "num_heads": str(len(heads.blocks)), "command": command,
-                                   "token_conditioned": str(int(heads.token_conditioned))})
+                                   "token_conditioned": str(int(heads.token_conditioned)),
+                                   "chained": str(int(heads.chained))})
     path.write_bytes(lzma.compress(data, preset=9) if path.suffix == ".xz" else data)
 
 
@@ -106,7 +127,8 @@ def load_heads(path: str | Path, model: Transformer) -> MedusaHeads:
         raise UserError(f"Medusa heads {path} were trained for {meta.get('model', 'another model')} "
                         f"(fingerprint {meta.get('fingerprint')}), not for these weights")
     p = next(model.parameters())
-    heads = MedusaHeads(model.config.hidden_size, int(meta["num_heads"]), meta.get("token_conditioned") == "1")
+    heads = MedusaHeads(model.config.hidden_size, int(meta["num_heads"]), meta.get("token_conditioned") == "1",
+                        meta.get("chained") == "1")
     heads.load_state_dict(tensors)
     return heads.to(device=p.device, dtype=p.dtype)
 
@@ -125,14 +147,17 @@ def tree_choices(name: str, heads_path: str | Path) -> list[tuple[int, ...]]:
     return TREES[name]
 
 
-def default_heads_path(model_name: str, token_conditioned: bool = False) -> Path:
-    name = Path(model_name).name
-    return HEADS_DIR / (f"{name}.medusa-token.safetensors.xz" if token_conditioned else f"{name}.medusa.safetensors")
+HEADS_SUFFIX = {"chained": ".medusa-chained.safetensors.xz", "token": ".medusa-token.safetensors.xz",
+                "plain": ".medusa.safetensors"}  # the committed kinds, strongest first
+
+
+def default_heads_path(model_name: str, kind: str = "plain") -> Path:
+    return HEADS_DIR / (Path(model_name).name + HEADS_SUFFIX[kind])
 
 
 def committed_heads(model_name: str) -> list[Path]:
-    """The heads files committed for a model, the stronger (token-conditioned) first."""
-    return [p for p in (default_heads_path(model_name, True), default_heads_path(model_name)) if p.exists()]
+    """The heads files committed for a model, the strongest first."""
+    return [p for p in (default_heads_path(model_name, kind) for kind in HEADS_SUFFIX) if p.exists()]
 
 
 class TreeKVCache(RollbackKVCache):
@@ -183,12 +208,41 @@ class Tree:
         self.mask = mask.to(device)
         self.ancestors = [[index[c[:d]] for d in range(1, len(c) + 1)] for c in [()] + choices]
         self.max_depth = max(map(len, choices))
+        # For chained heads, per depth d: the nodes at depth d-1 with children; the children at depth d, each with
+        # its parent's row among those and its rank; the most ranks any parent needs.
+        self.levels = []
+        for d in range(1, self.max_depth + 1):
+            kids = [c for c in choices if len(c) == d]
+            parents = sorted({index[c[:-1]] for c in kids})
+            row = {p: i for i, p in enumerate(parents)}
+            self.levels.append((*(torch.tensor(v, device=device) for v in (
+                parents, [index[c] for c in kids], [row[index[c[:-1]]] for c in kids], [c[-1] for c in kids])),
+                max(c[-1] for c in kids) + 1))
 
-    def tokens(self, root: int, head_logits: torch.Tensor) -> torch.Tensor:
-        """Node tokens [n]: the root, then the rank-th best token of head depth-1 for each node."""
+    def tokens(self, root: int, head_logits: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Node tokens [n]: the root, then the rank-th best token of head depth-1 for each node. vocab_ids: the
+        token of each logit column when the heads scored a reduced vocabulary (draft_vocab.py)."""
         top = head_logits.topk(self.topk, dim=-1).indices  # [K, topk]
+        if vocab_ids is not None:
+            top = vocab_ids[top]
         toks = top[(self.depth - 1).clamp(min=0), self.rank]
         toks[0] = root
+        return toks
+
+    def tokens_chained(self, root: int, h: torch.Tensor, heads: MedusaHeads, lm_head: nn.Module,
+                       embed: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Node tokens [n] from chained heads: depth by depth, head d reads each parent's state and token."""
+        toks = torch.empty(len(self.depth), dtype=torch.long, device=h.device)
+        toks[0] = root
+        states = h.new_empty(len(self.depth), h.shape[-1])
+        states[0] = h
+        for d, (parents, kids, rows, ranks, topk) in enumerate(self.levels):
+            z = heads.step(d, states[parents], embed[toks[parents]])  # [P, H]
+            top = lm_head(z).topk(topk, dim=-1).indices
+            if vocab_ids is not None:
+                top = vocab_ids[top]
+            toks[kids] = top[rows, ranks]
+            states[kids] = z[rows]
         return toks
 
 
@@ -207,8 +261,9 @@ def accepts(tokens: torch.Tensor, parent_logits: torch.Tensor, params: SamplingP
 @torch.inference_mode()
 def run_medusa(model: Transformer, heads: MedusaHeads, prompt: list[int], params: SamplingParams,
                choices: list[tuple[int, ...]] = TREES["default"], posterior_threshold: float = 0.09,
-               posterior_alpha: float = 0.3) -> SpecResult:
-    """Medusa decoding of one prompt (batch 1). Greedy: the output equals plain greedy decoding."""
+               posterior_alpha: float = 0.3, vocab: DraftVocab | None = None) -> SpecResult:
+    """Medusa decoding of one prompt (batch 1). Greedy: the output equals plain greedy decoding.
+    vocab: the heads score only these tokens (a reduced draft vocabulary); verification still sees all."""
     import time
 
     device = next(model.parameters()).device
@@ -216,6 +271,7 @@ def run_medusa(model: Transformer, heads: MedusaHeads, prompt: list[int], params
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     cache = TreeKVCache.for_model(model, 1, check_prompt(model, prompt, params, len(choices) + 1))
     stop, stats, new = stop_ids(model, params), SpecStats(), []
+    heads_lm_head, vocab_ids = (vocab.lm_head, vocab.ids) if vocab else (model.lm_head, None)
 
     t0 = time.perf_counter()
     h = model.hidden_states(torch.tensor([prompt], device=device), cache=cache)[0, -1]
@@ -225,8 +281,11 @@ def run_medusa(model: Transformer, heads: MedusaHeads, prompt: list[int], params
     while not done:
         cached = len(prompt) + len(new) - 1
         # new[-1] is the pending token (the root): chosen from h, not yet in the cache.
-        emb = model.embed_tokens.weight[new[-1]] if heads.token_conditioned else None
-        ids = tree.tokens(new[-1], heads(h, model.lm_head, emb))
+        if heads.chained:
+            ids = tree.tokens_chained(new[-1], h, heads, heads_lm_head, model.embed_tokens.weight, vocab_ids)
+        else:
+            emb = model.embed_tokens.weight[new[-1]] if heads.token_conditioned else None
+            ids = tree.tokens(new[-1], heads(h, heads_lm_head, emb), vocab_ids)
         cache.set_tree(tree.mask)
         hs = model.hidden_states(ids[None], (cached + tree.depth)[None], cache)[0]
         cache.set_tree(None)
@@ -256,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tree", default=None,
                         help=f"candidate tree: {', '.join(TREES)}, or fitted[:N] (medusa_tree.py's, N nodes); default "
                              "fitted on a GPU, fitted:4 on a CPU, where a pass of more than 9 tokens costs more")
+    parser.add_argument("--draft-vocab", type=int, default=None,
+                        help="the heads score only the N most frequent tokens (draft_vocab.py; 0: all). Default "
+                             "16384 on a CPU, where scoring all 49k costs a tenth of a step, all on a GPU")
     parser.add_argument("--prompt", default="Give me three tips for a successful job interview.")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -264,15 +326,19 @@ def main(argv: list[str] | None = None) -> None:
     lm = load_target(args)
     found = committed_heads(lm.name)
     heads_path = args.heads or (found[0] if found else default_heads_path(lm.name))
-    tree = args.tree or ("fitted" if next(lm.model.parameters()).is_cuda else "fitted:4")
+    on_gpu = next(lm.model.parameters()).is_cuda
+    tree = args.tree or ("fitted" if on_gpu else "fitted:4")
     heads, choices = load_heads(heads_path, lm.model), tree_choices(tree, heads_path)
+    vocab_size = args.draft_vocab if args.draft_vocab is not None else (0 if on_gpu else CPU_DRAFT_VOCAB)
+    vocab = load_draft_vocab(lm.name, lm.model.lm_head, vocab_size)
     prompt = chat_prompt(lm.tokenizer, args.prompt)
     params = SamplingParams(args.max_tokens, args.temperature, seed=args.seed)
     plain = speculative_generate(lm.model, prompt, params)
-    spec = run_medusa(lm.model, heads, prompt, params, choices)
+    spec = run_medusa(lm.model, heads, prompt, params, choices, vocab=vocab)
     print(lm.tokenizer.decode(spec.tokens))
     s = spec.stats
-    print(f"\n{lm.label}; Medusa {len(heads.blocks)} heads, tree {tree!r} ({len(choices)} nodes)")
+    print(f"\n{lm.label}; Medusa {len(heads.blocks)} heads, tree {tree!r} ({len(choices)} nodes), heads scoring "
+          f"{len(vocab) if vocab else lm.model.config.vocab_size} tokens")
     print(f"plain {plain.decode_tokens_per_s:.1f} tokens/s, Medusa {spec.decode_tokens_per_s:.1f} tokens/s, "
           f"{s.mean_accepted_per_step:.2f} tokens per target pass, acceptance per depth "
           + " ".join(f"{a:.2f}" for a in s.acceptance_rate_per_pos))

