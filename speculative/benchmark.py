@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="draft length of the draft model in the main table")
     parser.add_argument("--prompt-lookup-k", type=int, default=8)
     parser.add_argument("--sweep-k", default="1,2,4,8", help="k values for the speed-up vs k plot ('' skips)")
-    parser.add_argument("--draft-model", default=None)
+    parser.add_argument("--draft-model", default=None,
+                        help="draft checkpoint with the target's tokenizer, or int8 / int4 (the target quantized); "
+                             "default: a shallow draft of --draft-layers")
     parser.add_argument("--draft-layers", default="0-7,18-29")
     parser.add_argument("--heads", default=None,
                         help="Medusa heads file, or a comma list to compare several (default: every committed one)")

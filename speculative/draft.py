@@ -6,7 +6,9 @@ output is what the target alone would produce. The draft here is either
 - a shallow draft cut from the target: some of its layers (by default the first 4 and the last 2) with its
   embedding, final norm and LM head, no second checkpoint and no training; or
 - any smaller checkpoint with the same tokenizer (`--draft-model PATH_OR_HUB_ID`), as readers with real
-  checkpoints use (e.g. SmolLM2-135M drafting for SmolLM2-1.7B, Llama-3.2-1B for Llama-3.1-8B).
+  checkpoints use (e.g. SmolLM2-135M drafting for SmolLM2-1.7B, Llama-3.2-1B for Llama-3.1-8B); or
+- the target itself with its layers in INT8 or INT4 (`--draft-model int8|int4`, the quantization chapter's
+  round-to-nearest): the same size, so it pays only where its kernels read fewer bytes (a large model on a GPU).
 
     python -m speculative.draft --prompt "Write a Python function that reverses a string." --k 4
     python -m speculative.draft --temperature 0.8 --seed 0 --adaptive-k
@@ -103,8 +105,28 @@ class DraftModelProposer:
         return logits
 
 
+QUANTIZED_DRAFTS = ("int8", "int4")
+
+
+def quantized_draft(target_lm, method: str, device: str, dtype: str) -> tuple[Transformer, str]:
+    """A second copy of the target with every decoder-layer projection rounded to nearest by the quantization
+    chapter (INT8 per channel, INT4 group-wise): a draft that agrees with the target most of the time. On a GPU its
+    layers run from the packed weights (PyTorch's int8/int4 kernels), a quarter or an eighth of the bytes, which is
+    what pays for a large model; on a CPU they are dequantized on every call, so it only shows acceptance."""
+    from quantization.linear import pick_group_size, quantize_model, set_backend
+
+    lm = load_model(target_lm.name, device, dtype, target_lm.random_weights)
+    quantize_model(lm.model, method, pick_group_size(lm.model, 0))
+    if next(lm.model.parameters()).is_cuda:
+        set_backend(lm.model, "torch")
+    return lm.model, f"the target with its layers in {method.upper()} (round to nearest): {lm.label}"
+
+
 def load_draft(target_lm, draft_model: str | None, draft_layers: str, device: str, dtype: str):
-    """(draft Transformer, label) from --draft-model or, without it, a shallow draft of the target."""
+    """(draft Transformer, label) from --draft-model (a checkpoint, or int8/int4: the target quantized) or, without
+    it, a shallow draft of the target."""
+    if draft_model in QUANTIZED_DRAFTS:
+        return quantized_draft(target_lm, draft_model, device, dtype)
     if draft_model:
         dm = load_model(draft_model, device, dtype)
         if dm.tokenizer.get_vocab() != target_lm.tokenizer.get_vocab():
@@ -130,7 +152,8 @@ def run_draft(target: Transformer, draft: Transformer, prompt: list[int], params
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    parser.add_argument("--draft-model", default=None, help="a smaller checkpoint with the same tokenizer")
+    parser.add_argument("--draft-model", default=None,
+                        help="a smaller checkpoint with the same tokenizer, or int8 / int4: the target quantized")
     parser.add_argument("--draft-layers", default="0-3,28-29",
                         help="without --draft-model: target layers the shallow draft runs (count or list)")
     parser.add_argument("--prompt", default="Write a Python function that checks whether a number is prime.")

@@ -6,7 +6,9 @@ head starts as the base LM head) and then through the model's own frozen LM head
 head at hidden^2 parameters (0.3 M for SmolLM2-135M) instead of hidden x vocab; the paper trains a copy per head.
 The heads file records the model it was trained for and refuses any other. Token-conditioned heads (train with
 --token-conditioned) also read the embedding of the token the target has just chosen: a step towards Hydra's
-sequentially dependent heads that keeps Medusa's tree and single verification pass.
+sequentially dependent heads that keeps Medusa's tree and single verification pass; chained heads (--chained) are
+Hydra's heads in the same residual form. On a CPU the heads score only the 16,384 most frequent tokens
+(draft_vocab.py): their product with the full 49k-row LM head cost about a tenth of a step.
 
     python -m speculative.train_medusa                      # writes speculative/heads/smollm2-135m.medusa.safetensors
     python -m speculative.train_medusa --token-conditioned  # ... smollm2-135m.medusa-token.safetensors.xz
