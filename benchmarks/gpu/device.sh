@@ -48,7 +48,8 @@
 # this script had staged the tokenizer, then that o2 (19:45); then, on another machine, a13 and the same o2 (21:07).
 # Planned next (no machine started on 2026-12-06 22:10-23:50): a14, then a15. Random weights: carry
 # .device-kit/smollm2-tok only. Then (2026-12-07, the GGUF in three parts): 1 smollm2-tok smollm2-aa wheels -> a14;
-# 2 smollm2-ab medusa_prompts.json -> a15; 3 smollm2-ac medusa_prompts.json -> m7.
+# 2 smollm2-ab medusa_prompts.json -> a15; 3 smollm2-ac medusa_prompts.json -> m7. No machine started on
+# 2026-12-07 00:47-02:20 (about twenty calls, the budget spent on failed starts).
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
