@@ -32,8 +32,8 @@ from core.generate import SamplingParams, chat_prompt
 from speculative.common import SpecStats, load_target, speculative_generate
 from speculative.draft import load_draft, run_draft
 from speculative.lookahead import run_lookahead
-from speculative.draft_vocab import load_draft_vocab
-from speculative.medusa import CPU_DRAFT_VOCAB, committed_heads, load_heads, run_medusa, tree_choices
+from speculative.draft_vocab import default_size, load_draft_vocab
+from speculative.medusa import committed_heads, load_heads, run_medusa, tree_choices
 from speculative.prompt_lookup import run_prompt_lookup
 
 CODE_BLOCK = re.compile(r"```[a-zA-Z]*\n(.{200,900}?)```", re.S)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="Medusa candidate trees, comma list: names of medusa.TREES, fitted, fitted:N (medusa_tree.py)")
     parser.add_argument("--draft-vocab", default=None,
                         help="tokens the Medusa heads score, comma list (0: all; draft_vocab.py); default 16384 on a "
-                             "CPU, 0 on a GPU")
+                             "CPU where the model has a ranking, else 0")
     parser.add_argument("--window-size", type=int, default=4)
     parser.add_argument("--ngram-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy CPU)")
@@ -147,7 +147,11 @@ def main(argv: list[str] | None = None) -> None:
             lambda p: run_lookahead(model, p, params, args.window_size, args.ngram_size),
     }
     on_gpu = next(model.parameters()).is_cuda
-    vocab_sizes = [int(v) for v in (args.draft_vocab or ("0" if on_gpu else str(CPU_DRAFT_VOCAB))).split(",")]
+    try:
+        vocab_sizes = ([int(v) for v in args.draft_vocab.split(",")] if args.draft_vocab
+                       else [default_size(lm.name, on_gpu)])
+    except ValueError:
+        raise UserError(f"--draft-vocab {args.draft_vocab!r}: give sizes like 0,16384") from None
     vocabs = {size: load_draft_vocab(lm.name, model.lm_head, size) for size in vocab_sizes}
     for i, (path, heads) in enumerate(zip(heads_paths, all_heads)):
         kind = "+chained" if heads.chained else "+token" if heads.token_conditioned else ""

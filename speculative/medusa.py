@@ -32,10 +32,9 @@ from core.kv_cache import attention
 from core.model import Transformer
 from speculative.common import (RollbackKVCache, SpecResult, SpecStats, check_prompt, finish, load_target, pick,
                                 speculative_generate, stop_ids)
-from speculative.draft_vocab import DraftVocab, load_draft_vocab
+from speculative.draft_vocab import DraftVocab, default_size, load_draft_vocab
 
 HEADS_DIR = Path(__file__).parent / "heads"
-CPU_DRAFT_VOCAB = 16384  # heads' vocabulary on a CPU (draft_vocab.py): 96% of ShareGPT's answer tokens
 
 # Candidate trees as paths of top-i choices per depth (Medusa's `medusa_choices`): (0, 1) is head 1's best token
 # followed by head 2's second best. Parents come before children. Each tree starts with the chain of best guesses,
@@ -319,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
                              "fitted on a GPU, fitted:4 on a CPU, where a pass of more than 9 tokens costs more")
     parser.add_argument("--draft-vocab", type=int, default=None,
                         help="the heads score only the N most frequent tokens (draft_vocab.py; 0: all). Default "
-                             "16384 on a CPU, where scoring all 49k costs a tenth of a step, all on a GPU")
+                             "16384 on a CPU (where the model has a ranking), all on a GPU")
     parser.add_argument("--prompt", default="Give me three tips for a successful job interview.")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -331,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     on_gpu = next(lm.model.parameters()).is_cuda
     tree = args.tree or ("fitted" if on_gpu else "fitted:4")
     heads, choices = load_heads(heads_path, lm.model), tree_choices(tree, heads_path)
-    vocab_size = args.draft_vocab if args.draft_vocab is not None else (0 if on_gpu else CPU_DRAFT_VOCAB)
+    vocab_size = args.draft_vocab if args.draft_vocab is not None else default_size(lm.name, on_gpu)
     vocab = load_draft_vocab(lm.name, lm.model.lm_head, vocab_size)
     prompt = chat_prompt(lm.tokenizer, args.prompt)
     params = SamplingParams(args.max_tokens, args.temperature, seed=args.seed)

@@ -140,3 +140,20 @@ def test_quantized_target_as_draft(smollm, method, min_acceptance):
     spec = run_draft(smollm.model, draft, prompt, p, k=4)
     assert spec.tokens == generate(smollm.model, [prompt], p).tokens[0]
     assert spec.stats.draft_acceptance_rate >= min_acceptance
+
+
+def test_benchmark_runs_every_method_identically(tmp_path):
+    """The chapter's benchmark end to end on the tiny model: every row's greedy output is plain decoding's, and a
+    bad --draft-vocab is a one-line error."""
+    import json
+
+    from speculative.benchmark import main
+    out = tmp_path / "spec.json"
+    args = ["--model", "tiny", "--random-weights", "--device", "cpu", "--prompts", "speculative/prompts_eval.json",
+            "--num-prompts", "1", "--max-tokens", "8", "--sweep-k", "", "--draft-layers", "1"]
+    main(args + ["--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"chat", "code", "edit"}
+    assert all(r["identical_to_plain"] for kind in results.values() for r in kind.values())
+    with pytest.raises(SystemExit):
+        main(args + ["--draft-vocab", "many"])
