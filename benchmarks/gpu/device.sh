@@ -48,8 +48,8 @@
 # this script had staged the tokenizer, then that o2 (19:45); then, on another machine, a13 and the same o2 (21:07).
 # Planned next (no machine started on 2026-12-06 22:10-23:50): a14, then a15. Random weights: carry
 # .device-kit/smollm2-tok only. Then (2026-12-07, the GGUF in three parts): 1 smollm2-tok smollm2-aa wheels -> a14;
-# 2 smollm2-ab medusa_prompts.json -> a15; 3 smollm2-ac medusa_prompts.json -> m7. No machine started on
-# 2026-12-07 00:47-02:20 (about twenty calls, the budget spent on failed starts).
+# 2 smollm2-ab medusa_prompts.json -> a15; 3 smollm2-ac medusa_prompts.json -> m7; 4 -> m8. No machine started
+# on 2026-12-07 00:47-02:20 (about twenty calls, the budget spent on failed starts).
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -370,10 +370,20 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     ;;
   m7)  # chained (Hydra-style) Medusa heads, m3's data and schedule (run after a14 staged smollm2-aa and the
       # tokenizer: `rm -rf /root/.cache/llmip/smollm2-135m` first, so the default model is converted from the GGUF)
-    run medusa_train_chained 560 python -m speculative.train_medusa --device cuda --dtype float32 \
+    H=smollm2-135m.medusa-chained.safetensors.xz
+    run medusa_train_chained 420 python -m speculative.train_medusa --device cuda --dtype float32 \
       --prompts-file .device-kit/medusa_prompts.json --num-prompts 4233 --gen-len 256 --gen-batch-size 512 \
-      --chained --epochs 8 --batch-size 1024 --lr 1e-3 --out "$OUT/smollm2-135m.medusa-chained.safetensors.xz" \
-      --plot "$OUT/medusa_loss_chained.png"
+      --chained --epochs 8 --batch-size 1024 --lr 1e-3 --out "$OUT/$H" --plot "$OUT/medusa_loss_chained.png"
+    # the fitted tree from the same 48 held-out prompts as the committed heads' (medusa_tree's CPU defaults)
+    run medusa_tree_chained 120 python -m speculative.medusa_tree --device cuda --dtype float32 --heads "$OUT/$H" \
+      --prompts-file .device-kit/medusa_prompts.json --size 96
+    cp "$OUT"/$H* /root/models/ 2>/dev/null
+    ;;
+  m8)  # after m7 on the same machine: Medusa with the token-conditioned and the chained heads, fitted trees
+    run spec_chained 560 python -m speculative.benchmark --device cuda --dtype float32 \
+      --prompts speculative/prompts_eval.json --num-prompts 4 --max-tokens 128 --sweep-k "" --tree fitted:4,fitted:32,fitted:96 \
+      --heads speculative/heads/smollm2-135m.medusa-token.safetensors.xz,/root/models/smollm2-135m.medusa-chained.safetensors.xz \
+      --out "$OUT/spec_benchmark_h100_chained.json"
     ;;
   m4)  # every method on the same prompts; Medusa with the committed heads (#1) and with stage m3's (#2)
     run spec_ours 560 python -m speculative.benchmark --device cuda --dtype float32 \
