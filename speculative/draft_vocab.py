@@ -24,12 +24,13 @@ from core.cpu_linear import PackedLinear, packed
 from core.errors import UserError, cli
 from core.loading import DEFAULT_MODEL, load_model
 
-HEADS_DIR = Path(__file__).parent / "heads"
 SIZES = (2048, 4096, 8192, 16384, 32768)
 CPU_SIZE = 16384  # the heads' vocabulary on a CPU: 96% of ShareGPT's answer tokens, a third of the LM head's rows
 
 
 def vocab_path(model_name: str) -> Path:
+    from speculative.medusa import HEADS_DIR  # beside the heads (medusa.py imports this module: no cycle at import)
+
     return HEADS_DIR / f"{Path(model_name).name}.draft-vocab.json"
 
 
