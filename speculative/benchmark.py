@@ -33,7 +33,7 @@ from speculative.common import SpecStats, load_target, speculative_generate
 from speculative.draft import load_draft, run_draft
 from speculative.lookahead import run_lookahead
 from speculative.draft_vocab import default_size, load_draft_vocab
-from speculative.medusa import committed_heads, load_heads, run_medusa, tree_choices
+from speculative.medusa import DynamicTree, committed_heads, load_heads, run_medusa, tree_choices
 from speculative.prompt_lookup import run_prompt_lookup
 
 CODE_BLOCK = re.compile(r"```[a-zA-Z]*\n(.{200,900}?)```", re.S)
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", default=None,
                         help="Medusa heads file, or a comma list to compare several (default: every committed one)")
     parser.add_argument("--tree", default="default,fitted",
-                        help="Medusa candidate trees, comma list: names of medusa.TREES, fitted, fitted:N (medusa_tree.py)")
+                        help="Medusa candidate trees, comma list: names of medusa.TREES, fitted, fitted:N (medusa_tree.py), "
+                             "dynamic:N (chosen each step from the heads' probabilities)")
     parser.add_argument("--draft-vocab", default=None,
                         help="tokens the Medusa heads score, comma list (0: all; draft_vocab.py); default 16384 on a "
                              "CPU where the model has a ranking, else 0")
@@ -157,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
         kind = "+chained" if heads.chained else "+token" if heads.token_conditioned else ""
         for tree_name in args.tree.split(","):
             tree = tree_choices(tree_name, path)
+            if isinstance(tree, DynamicTree) and heads.chained:
+                print(f"skipping {tree_name} for {path.name}: chained heads take a fixed tree")
+                continue
             for size, vocab in vocabs.items():
                 name = f"medusa{kind}, {tree_name} tree ({len(tree)})" + (f", vocab {size}" if size else "")
                 name += f" #{i + 1}" if name in methods else ""

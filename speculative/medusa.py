@@ -7,8 +7,10 @@ head at hidden^2 parameters (0.3 M for SmolLM2-135M) instead of hidden x vocab; 
 The heads file records the model it was trained for and refuses any other. Token-conditioned heads (train with
 --token-conditioned) also read the embedding of the token the target has just chosen: a step towards Hydra's
 sequentially dependent heads that keeps Medusa's tree and single verification pass; chained heads (--chained) are
-Hydra's heads in the same residual form. On a CPU the heads score only the 16,384 most frequent tokens
-(draft_vocab.py): their product with the full 49k-row LM head cost about a tenth of a step.
+Hydra's heads in the same residual form. A tree is fixed (hand-made, or fitted by medusa_tree.py) or dynamic
+(DynamicTree: the likeliest paths under the heads' probabilities, chosen anew each step). On a CPU the heads score
+only the 16,384 most frequent tokens (draft_vocab.py): their product with the full 49k-row LM head cost about a
+tenth of a step.
 
     python -m speculative.train_medusa                      # writes speculative/heads/smollm2-135m.medusa.safetensors
     python -m speculative.train_medusa --token-conditioned  # ... smollm2-135m.medusa-token.safetensors.xz
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import heapq
 import json
 import lzma
 from pathlib import Path
@@ -134,17 +137,21 @@ def load_heads(path: str | Path, model: Transformer) -> MedusaHeads:
     return heads.to(device=p.device, dtype=p.dtype)
 
 
-def tree_choices(name: str, heads_path: str | Path) -> list[tuple[int, ...]]:
-    """A hand-made tree of TREES by name, or "fitted" / "fitted:N": the tree medusa_tree.py chose for these heads
-    (of N nodes)."""
+def tree_choices(name: str, heads_path: str | Path) -> list[tuple[int, ...]] | DynamicTree:
+    """A hand-made tree of TREES by name, "fitted" / "fitted:N": the tree medusa_tree.py chose for these heads
+    (of N nodes), or "dynamic:N": a DynamicTree of N nodes."""
     kind, _, size = name.partition(":")
+    if kind in ("fitted", "dynamic") and size and not size.isdigit():
+        raise UserError(f"bad tree {name!r}: {kind}:N wants a number of nodes")
     if kind == "fitted":
         from speculative.medusa_tree import load_fitted_tree
-        if size and not size.isdigit():
-            raise UserError(f"bad tree {name!r}: fitted:N wants a number of nodes")
         return load_fitted_tree(heads_path, int(size) if size else None)
+    if kind == "dynamic":
+        if not size:
+            raise UserError(f"bad tree {name!r}: say how many nodes, dynamic:N")
+        return DynamicTree(int(size))
     if name not in TREES:
-        raise UserError(f"unknown tree {name!r}: choose from {', '.join(TREES)}, fitted, fitted:N")
+        raise UserError(f"unknown tree {name!r}: choose from {', '.join(TREES)}, fitted, fitted:N, dynamic:N")
     return TREES[name]
 
 
@@ -247,6 +254,44 @@ class Tree:
         return toks
 
 
+class DynamicTree:
+    """EAGLE-2's dynamic tree (Li et al. 2024) for heads that guess independently (plain or token-conditioned): each
+    step, the `size` rank paths whose product of the heads' probabilities is highest, instead of the same paths
+    every step. A fitted tree spends its nodes where the heads were right on average; this one spends them where
+    they are sure now: a deep chain when every head is confident, several first guesses when head 1 is not. Since
+    a child's product never exceeds its parent's, the best paths always form a tree (parents first)."""
+
+    def __init__(self, size: int, top: int = 10):
+        if size < 1:
+            raise UserError(f"a dynamic tree needs at least one node, not {size}")
+        self.size, self.top = size, top  # top: the guesses of each head a path may take
+        self.trees: dict[tuple, Tree] = {}  # shapes recur: their index tensors are built once
+
+    def __len__(self) -> int:
+        return self.size
+
+    def choose(self, probs: list[list[float]]) -> list[tuple[int, ...]]:
+        """The best `size` rank paths, given each head's probabilities of its top guesses, best first."""
+        frontier = [(-p, (r,)) for r, p in enumerate(probs[0])]
+        heapq.heapify(frontier)
+        paths = []
+        while len(paths) < self.size and frontier:
+            score, path = heapq.heappop(frontier)  # ties: the shorter path (a parent) first
+            paths.append(path)
+            if len(path) < len(probs):
+                for r, p in enumerate(probs[len(path)]):
+                    heapq.heappush(frontier, (score * p, path + (r,)))
+        return paths
+
+    def tree(self, head_logits: torch.Tensor) -> Tree:
+        """This step's tree from the heads' logits [K, V]."""
+        probs = head_logits.float().softmax(-1).topk(self.top, dim=-1).values
+        choices = tuple(self.choose(probs.tolist()))
+        if choices not in self.trees:
+            self.trees[choices] = Tree(list(choices), len(head_logits), head_logits.device)
+        return self.trees[choices]
+
+
 def accepts(tokens: torch.Tensor, parent_logits: torch.Tensor, params: SamplingParams,
             posterior_threshold: float, posterior_alpha: float) -> torch.Tensor:
     """Per node: would the target keep this token after its parent? Greedy: it is the argmax. Otherwise Medusa-1's
@@ -261,14 +306,19 @@ def accepts(tokens: torch.Tensor, parent_logits: torch.Tensor, params: SamplingP
 
 @torch.inference_mode()
 def run_medusa(model: Transformer, heads: MedusaHeads, prompt: list[int], params: SamplingParams,
-               choices: list[tuple[int, ...]] = TREES["default"], posterior_threshold: float = 0.09,
+               choices: list[tuple[int, ...]] | DynamicTree = TREES["default"], posterior_threshold: float = 0.09,
                posterior_alpha: float = 0.3, vocab: DraftVocab | None = None) -> SpecResult:
     """Medusa decoding of one prompt (batch 1). Greedy: the output equals plain greedy decoding.
+    choices: a fixed tree, or a DynamicTree chosen anew each step from the heads' probabilities.
     vocab: the heads score only these tokens (a reduced draft vocabulary); verification still sees all."""
     import time
 
     device = next(model.parameters()).device
-    tree = Tree(choices, len(heads.blocks), device)
+    dynamic = choices if isinstance(choices, DynamicTree) else None
+    if dynamic and heads.chained:
+        raise UserError("a dynamic tree needs heads that guess independently (plain or token-conditioned); "
+                        "chained heads take a fixed tree")
+    tree = None if dynamic else Tree(choices, len(heads.blocks), device)
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     cache = TreeKVCache.for_model(model, 1, check_prompt(model, prompt, params, len(choices) + 1))
     stop, stats, new = stop_ids(model, params), SpecStats(), []
@@ -286,7 +336,9 @@ def run_medusa(model: Transformer, heads: MedusaHeads, prompt: list[int], params
             ids = tree.tokens_chained(new[-1], h, heads, heads_lm_head, model.embed_tokens.weight, vocab_ids)
         else:
             emb = model.embed_tokens.weight[new[-1]] if heads.token_conditioned else None
-            ids = tree.tokens(new[-1], heads(h, heads_lm_head, emb), vocab_ids)
+            head_logits = heads(h, heads_lm_head, emb)
+            tree = dynamic.tree(head_logits) if dynamic else tree
+            ids = tree.tokens(new[-1], head_logits, vocab_ids)
         cache.set_tree(tree.mask)
         hs = model.hidden_states(ids[None], (cached + tree.depth)[None], cache)[0]
         cache.set_tree(None)
@@ -314,8 +366,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", default=None,
                         help="heads file (default: the committed ones, speculative/heads/<model>.medusa-token...)")
     parser.add_argument("--tree", default=None,
-                        help=f"candidate tree: {', '.join(TREES)}, or fitted[:N] (medusa_tree.py's, N nodes); default "
-                             "fitted on a GPU, fitted:4 on a CPU, where a pass of more than 9 tokens costs more")
+                        help=f"candidate tree: {', '.join(TREES)}, fitted[:N] (medusa_tree.py's, N nodes) or dynamic:N "
+                             "(the N likeliest paths each step); default fitted on a GPU, fitted:4 on a CPU, where "
+                             "each token a pass verifies costs more")
     parser.add_argument("--draft-vocab", type=int, default=None,
                         help="the heads score only the N most frequent tokens (draft_vocab.py; 0: all). Default "
                              "16384 on a CPU (where the model has a ranking), all on a GPU")

@@ -6,8 +6,8 @@ from core.errors import UserError
 from core.generate import SamplingParams, chat_prompt, generate
 from speculative.common import speculative_generate
 from speculative.draft_vocab import DraftVocab, load_draft_vocab
-from speculative.medusa import (TREES, MedusaHeads, Tree, TreeKVCache, committed_heads, load_heads, run_medusa,
-                                save_heads, tree_choices)
+from speculative.medusa import (TREES, DynamicTree, MedusaHeads, Tree, TreeKVCache, committed_heads, load_heads,
+                                run_medusa, save_heads, tree_choices)
 from speculative.medusa_tree import best_tree, expected_tokens, path_counts
 
 
@@ -45,6 +45,34 @@ def test_greedy_identical_tiny_random_heads(tiny):
     chained = _random_heads(tiny.model, chained=True)
     for tree in TREES:
         assert run_medusa(tiny.model, chained, prompt, p, TREES[tree]).tokens == plain, tree
+
+
+def test_dynamic_tree_is_the_most_probable_paths():
+    """Against brute force over every rank path: the chosen paths are the `size` best products of the heads'
+    probabilities, listed parents first."""
+    import itertools
+    torch.manual_seed(0)
+    for trial in range(20):
+        probs = torch.rand(3, 4).softmax(-1).sort(descending=True).values.tolist()  # 3 heads, top 4 guesses each
+        paths = [c for d in range(1, 4) for c in itertools.product(range(4), repeat=d)]
+        score = {c: float(torch.tensor([probs[k][r] for k, r in enumerate(c)]).prod()) for c in paths}
+        for size in (1, 4, 7, 20):
+            chosen = DynamicTree(size).choose(probs)
+            assert len(chosen) == size
+            assert sorted(score[c] for c in chosen) == pytest.approx(sorted(score.values())[-size:])
+            assert all(c[:-1] in chosen[:i] for i, c in enumerate(chosen) if len(c) > 1)
+    assert DynamicTree(4).choose([[0.9, 0.1], [0.9, 0.1]]) == [(0,), (0, 0), (1,), (0, 1)]
+
+
+def test_greedy_identical_with_dynamic_trees(tiny):
+    p = SamplingParams(max_tokens=30, ignore_eos=True)
+    prompt = [1, 7, 8, 9, 7, 8]
+    plain = speculative_generate(tiny.model, prompt, p).tokens
+    for heads in (_random_heads(tiny.model), _random_heads(tiny.model, token_conditioned=True)):
+        for size in (1, 5, 12):
+            assert run_medusa(tiny.model, heads, prompt, p, DynamicTree(size)).tokens == plain, size
+    with pytest.raises(UserError, match="chained heads take a fixed tree"):
+        run_medusa(tiny.model, _random_heads(tiny.model, chained=True), prompt, p, DynamicTree(4))
 
 
 def test_chained_tree_tokens_follow_each_parent():
@@ -178,6 +206,10 @@ def test_bad_tree_name_is_a_user_error(tmp_path):
         tree_choices("bushy", tmp_path / "heads.safetensors")
     with pytest.raises(UserError, match="no fitted tree"):
         tree_choices("fitted", tmp_path / "heads.safetensors")
+    assert len(tree_choices("dynamic:5", tmp_path / "heads.safetensors")) == 5
+    for bad in ("dynamic", "dynamic:five", "dynamic:0"):
+        with pytest.raises(UserError, match="dynamic"):
+            tree_choices(bad, tmp_path / "heads.safetensors")
 
 
 def test_typical_acceptance_sampling_runs(tiny):

@@ -379,9 +379,10 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --prompts-file .device-kit/medusa_prompts.json --size 96
     cp "$OUT"/$H* /root/models/ 2>/dev/null
     ;;
-  m8)  # after m7 on the same machine: Medusa with the token-conditioned and the chained heads, fitted trees
+  m8)  # after m7 on the same machine: Medusa with the token-conditioned and the chained heads, fitted and dynamic trees
     run spec_chained 560 python -m speculative.benchmark --device cuda --dtype float32 \
-      --prompts speculative/prompts_eval.json --num-prompts 4 --max-tokens 128 --sweep-k "" --tree fitted:4,fitted:32,fitted:96 \
+      --prompts speculative/prompts_eval.json --num-prompts 4 --max-tokens 128 --sweep-k "" \
+      --tree fitted:4,fitted:32,fitted:96,dynamic:32,dynamic:96 \
       --heads speculative/heads/smollm2-135m.medusa-token.safetensors.xz,/root/models/smollm2-135m.medusa-chained.safetensors.xz \
       --out "$OUT/spec_benchmark_h100_chained.json"
     ;;
