@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", default=None,
                         help="Medusa heads file, or a comma list to compare several (default: every committed one)")
     parser.add_argument("--tree", default="default,fitted",
-                        help="Medusa candidate trees, comma list: names of medusa.TREES, fitted, fitted:N (medusa_tree.py), "
-                             "dynamic:N (chosen each step from the heads' probabilities)")
+                        help="Medusa candidate trees, comma list: names of medusa.TREES, fitted, fitted:N "
+                             "(medusa_tree.py), dynamic:N (chosen each step from the heads' probabilities)")
     parser.add_argument("--draft-vocab", default=None,
                         help="tokens the Medusa heads score, comma list (0: all; draft_vocab.py); default 16384 on a "
                              "CPU where the model has a ranking, else 0")
