@@ -10,7 +10,9 @@ This script lets the model answer held-out training-split prompts greedily (as t
 every position the rank of each true future token among each head's top guesses, and prints the expected tokens
 per pass of the best tree of each size next to the hand-made TREES; it writes the chosen tree beside the heads
 (<heads>.tree.json: the chosen size and the hit counts of the most-hit paths, so that a tree of any size can be
-rebuilt: "fitted" or "fitted:N" for medusa.py and benchmark.py), plus a PNG of tokens per pass vs tree size.
+rebuilt: "fitted" or "fitted:N" for medusa.py and benchmark.py), plus a PNG of tokens per pass vs tree size. For
+heads that guess independently it also replays medusa.DynamicTree ("dynamic:N") on the same positions, from the
+heads' probabilities of their guesses.
 
     python -m speculative.medusa_tree                          # CPU: about two minutes
     python -m speculative.medusa_tree --device cuda --dtype float32 --prompts-file .device-kit/medusa_prompts.json \\
@@ -56,19 +58,20 @@ def load_fitted_tree(heads_path: str | Path, size: int | None = None) -> list[tu
 
 @torch.no_grad()
 def guess_ranks(heads, lm_head, embed, hidden: torch.Tensor, nexts: torch.Tensor, targets: torch.Tensor,
-                chunk: int = 256) -> torch.Tensor:
-    """long [N, K]: the rank of each head's true token among its MAX_RANK best guesses, -1 if not among them
-    (or if the answer ends before that token)."""
+                chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(long [N, K], [N, K, MAX_RANK]): the rank of each head's true token among its MAX_RANK best guesses, -1 if
+    not among them (or if the answer ends before that token); and the head's probabilities of those guesses."""
     from speculative.train_medusa import teacher_forced_logits
 
-    ranks = []
+    ranks, probs = [], []
     for i in range(0, len(hidden), chunk):
         y = targets[i:i + chunk]
         top = teacher_forced_logits(heads, lm_head, embed, hidden[i:i + chunk].float(), nexts[i:i + chunk],
-                                    y).topk(MAX_RANK, dim=-1).indices
-        hit = top == y[..., None]  # [n, K, MAX_RANK]
+                                    y).float().softmax(-1).topk(MAX_RANK, dim=-1)
+        hit = top.indices == y[..., None]  # [n, K, MAX_RANK]
         ranks.append(torch.where(hit.any(-1), hit.float().argmax(-1), -1))
-    return torch.cat(ranks).cpu()
+        probs.append(top.values)
+    return torch.cat(ranks).cpu(), torch.cat(probs).cpu()
 
 
 def path_counts(ranks: torch.Tensor) -> Counter:
@@ -96,6 +99,21 @@ def best_tree(counts: Counter, size: int) -> list[tuple[int, ...]]:
 def expected_tokens(counts: Counter, tree: list[tuple[int, ...]], positions: int) -> float:
     """Tokens per pass (accepted nodes + the target's own token) over the recorded positions."""
     return 1 + sum(counts.get(c, 0) for c in tree) / positions
+
+
+def dynamic_expected_tokens(ranks: torch.Tensor, probs: torch.Tensor, sizes: list[int]) -> dict[int, float]:
+    """Tokens per pass of medusa.DynamicTree of each size over the recorded positions. It picks paths best first,
+    so at each position the tree of n nodes is the first n paths of the largest: one choice serves every size."""
+    from speculative.medusa import DynamicTree
+
+    largest, gained = DynamicTree(max(sizes)), Counter()
+    for true, p in zip(ranks.tolist(), probs.tolist()):
+        deepest = [0]  # deepest accepted node among the first n paths, n = 0, 1, ...
+        for path in largest.choose(p):
+            deepest.append(max(deepest[-1], len(path) if list(path) == true[:len(path)] else 0))
+        for size in sizes:
+            gained[size] += deepest[size]
+    return {size: 1 + gained[size] / len(ranks) for size in sizes}
 
 
 @cli
@@ -132,13 +150,15 @@ def main(argv: list[str] | None = None) -> None:
     device = next(model.parameters()).device
     data = self_distillation_data(model, prompts, args.gen_len, args.gen_batch_size, device.type == "cuda")
     hidden, nexts, targets = head_batches(data, len(heads.blocks))
-    ranks = guess_ranks(heads, model.lm_head, model.embed_tokens.weight, hidden, nexts, targets)
+    ranks, probs = guess_ranks(heads, model.lm_head, model.embed_tokens.weight, hidden, nexts, targets)
     counts, n = path_counts(ranks), len(ranks)
 
     sizes = sorted({int(s) for s in args.sizes.split(",")} | {args.size})
     if max(sizes) > MAX_PATHS:
         raise UserError(f"trees of at most {MAX_PATHS} nodes")
     curve = {size: expected_tokens(counts, best_tree(counts, size), n) for size in sizes}
+    # Chained heads' later guesses depend on the path chosen before them: no dynamic tree (medusa.DynamicTree)
+    dynamic = None if heads.chained else dynamic_expected_tokens(ranks, probs, sizes)
     hand = {name: expected_tokens(counts, tree, n) for name, tree in TREES.items()}
     chosen = best_tree(counts, args.size)
     print(f"\n{lm.label}; heads {heads_path.name}; {len(prompts)} held-out training-split prompts, {n} positions "
@@ -146,8 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'tree':<16}{'nodes':>6}{'tokens/pass':>13}")
     for name, value in hand.items():
         print(f"{name + ' (hand)':<16}{len(TREES[name]):>6}{value:>13.3f}")
-    for size, value in curve.items():
-        print(f"{'fitted':<16}{size:>6}{value:>13.3f}")
+    for name, values in (("fitted", curve), ("dynamic", dynamic or {})):
+        for size, value in values.items():
+            print(f"{name:<16}{size:>6}{value:>13.3f}")
     print("fitted tree of", args.size, "nodes:", " ".join("".join(map(str, c)) for c in chosen))
 
     if not args.no_write:
@@ -156,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                   "gen_len": args.gen_len, "prompts": "training split, held out from the heads' training",
                   "command": command, "size": args.size,
                   "expected_tokens_per_pass": {str(k): v for k, v in curve.items()}, "hand_trees": hand,
+                  "dynamic_expected_tokens_per_pass": dynamic and {str(k): v for k, v in dynamic.items()},
                   # every path a tree of up to MAX_PATHS nodes could use, with its hits: any size can be rebuilt
                   "paths": [[list(c), counts[c]] for c in best_tree(counts, min(MAX_PATHS, len(counts)))]}
         tree_path(heads_path).write_text(json.dumps(record) + "\n")
@@ -166,7 +188,9 @@ def main(argv: list[str] | None = None) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.plot(list(curve), list(curve.values()), marker="o", label="fitted (most-hit paths)")
-    ax.scatter([len(t) for t in TREES.values()], list(hand.values()), color="C1", zorder=3, label="hand-made TREES")
+    if dynamic:
+        ax.plot(list(dynamic), list(dynamic.values()), marker="s", label="dynamic (likeliest paths each step)")
+    ax.scatter([len(t) for t in TREES.values()], list(hand.values()), color="C2", zorder=3, label="hand-made TREES")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tree nodes (tokens verified per pass)")
     ax.set_ylabel("expected tokens per pass")

@@ -8,7 +8,7 @@ from speculative.common import speculative_generate
 from speculative.draft_vocab import DraftVocab, load_draft_vocab
 from speculative.medusa import (TREES, DynamicTree, MedusaHeads, Tree, TreeKVCache, committed_heads, load_heads,
                                 run_medusa, save_heads, tree_choices)
-from speculative.medusa_tree import best_tree, expected_tokens, path_counts
+from speculative.medusa_tree import best_tree, dynamic_expected_tokens, expected_tokens, path_counts
 
 
 def _random_heads(model, num_heads=4, seed=0, token_conditioned=False, chained=False):
@@ -62,6 +62,16 @@ def test_dynamic_tree_is_the_most_probable_paths():
             assert sorted(score[c] for c in chosen) == pytest.approx(sorted(score.values())[-size:])
             assert all(c[:-1] in chosen[:i] for i, c in enumerate(chosen) if len(c) > 1)
     assert DynamicTree(4).choose([[0.9, 0.1], [0.9, 0.1]]) == [(0,), (0, 0), (1,), (0, 1)]
+
+
+def test_dynamic_tree_replay_counts_the_deepest_accepted_path():
+    """medusa_tree's replay of dynamic trees: per position, the deepest of the first n likeliest paths that the
+    true ranks follow."""
+    ranks = torch.tensor([[0, 0], [1, 0], [0, -1], [-1, 0]])
+    probs = torch.tensor([[[0.9, 0.1], [0.9, 0.1]]] * 3 + [[[0.6, 0.4], [0.5, 0.5]]])
+    # likeliest paths: (0,) (0, 0) (1,) then (0, 1) before (1, 0), except the last position: (0,) (1,) (0, 0) ...
+    assert dynamic_expected_tokens(ranks, probs, [1, 2, 3, 5]) == {
+        1: 1 + (1 + 0 + 1 + 0) / 4, 2: 1 + (2 + 0 + 1 + 0) / 4, 3: 1 + (2 + 1 + 1 + 0) / 4, 5: 1 + (2 + 2 + 1 + 0) / 4}
 
 
 def test_greedy_identical_with_dynamic_trees(tiny):
