@@ -50,6 +50,9 @@
 # .device-kit/smollm2-tok only. Then (2026-12-07, the GGUF in three parts): 1 smollm2-tok smollm2-aa wheels -> a14;
 # 2 smollm2-ab medusa_prompts.json -> a15; 3 smollm2-ac medusa_prompts.json -> m7; 4 -> m8. No machine started
 # on 2026-12-07 00:47-02:20 (about twenty calls, the budget spent on failed starts).
+# The next session (2026-12-07 03:13-04:50) tried the same a14 about fifteen times (nvidia-h200 and nvidia-h100-x1);
+# no machine started. With less budget left, the 7B half of a14 alone: `bash benchmarks/gpu/device.sh stage`, then
+# its pytest and quant_7b_fused lines (carry .device-kit/smollm2-tok only).
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
