@@ -367,8 +367,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="heads file (default: the committed ones, speculative/heads/<model>.medusa-token...)")
     parser.add_argument("--tree", default=None,
                         help=f"candidate tree: {', '.join(TREES)}, fitted[:N] (medusa_tree.py's, N nodes) or dynamic:N "
-                             "(the N likeliest paths each step); default fitted on a GPU, fitted:4 on a CPU, where "
-                             "each token a pass verifies costs more")
+                             "(the N likeliest paths each step); default fitted on a GPU, dynamic:5 on a CPU (fitted:4 "
+                             "for chained heads), where each token a pass verifies costs more")
     parser.add_argument("--draft-vocab", type=int, default=None,
                         help="the heads score only the N most frequent tokens (draft_vocab.py; 0: all). Default "
                              "16384 on a CPU (where the model has a ranking), all on a GPU")
@@ -381,8 +381,9 @@ def main(argv: list[str] | None = None) -> None:
     found = committed_heads(lm.name)
     heads_path = args.heads or (found[0] if found else default_heads_path(lm.name))
     on_gpu = next(lm.model.parameters()).is_cuda
-    tree = args.tree or ("fitted" if on_gpu else "fitted:4")
-    heads, choices = load_heads(heads_path, lm.model), tree_choices(tree, heads_path)
+    heads = load_heads(heads_path, lm.model)
+    tree = args.tree or ("fitted" if on_gpu else "fitted:4" if heads.chained else "dynamic:5")
+    choices = tree_choices(tree, heads_path)
     vocab_size = args.draft_vocab if args.draft_vocab is not None else default_size(lm.name, on_gpu)
     vocab = load_draft_vocab(lm.name, lm.model.lm_head, vocab_size)
     prompt = chat_prompt(lm.tokenizer, args.prompt)
