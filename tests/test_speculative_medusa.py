@@ -52,7 +52,7 @@ def test_dynamic_tree_is_the_most_probable_paths():
     probabilities, listed parents first."""
     import itertools
     torch.manual_seed(0)
-    for trial in range(20):
+    for _ in range(20):
         probs = torch.rand(3, 4).softmax(-1).sort(descending=True).values.tolist()  # 3 heads, top 4 guesses each
         paths = [c for d in range(1, 4) for c in itertools.product(range(4), repeat=d)]
         score = {c: float(torch.tensor([probs[k][r] for k, r in enumerate(c)]).prod()) for c in paths}
