@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--draft-vocab {args.draft_vocab!r}: give sizes like 0,16384") from None
     vocabs = {size: load_draft_vocab(lm.name, model.lm_head, size) for size in vocab_sizes}
     for i, (path, heads) in enumerate(zip(heads_paths, all_heads)):
-        kind = "+chained" if heads.chained else "+token" if heads.token_conditioned else ""
+        kind = "" if heads.kind == "plain" else "+" + heads.kind
         for tree_name in args.tree.split(","):
             tree = tree_choices(tree_name, path)
             if isinstance(tree, DynamicTree) and heads.chained:

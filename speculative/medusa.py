@@ -74,6 +74,11 @@ class MedusaHeads(nn.Module):
             nn.init.zeros_(block.weight)
             nn.init.zeros_(block.bias)
 
+    @property
+    def kind(self) -> str:
+        """"chained", "token" (token-conditioned) or "plain": the keys of HEADS_SUFFIX."""
+        return "chained" if self.chained else "token" if self.token_conditioned else "plain"
+
     def step(self, k: int, z: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """Chained head k (0-based): the state after one more token of the path."""
         return z + nn.functional.silu(self.blocks[k](torch.cat([z, embedding], dim=-1)))

@@ -258,8 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     train_s = seconds_since(t_train, device)
     top1, top5 = head_accuracy(heads, lm_head, embed, hold_h, hold_next, hold_y)
 
-    kind = "chained" if args.chained else "token" if args.token_conditioned else "plain"
-    out = Path(args.out) if args.out else default_heads_path(lm.name, kind)
+    out = Path(args.out) if args.out else default_heads_path(lm.name, heads.kind)
     command = "python -m speculative.train_medusa " + shlex.join(argv if argv is not None else sys.argv[1:])
     source = PROMPTS_SOURCE + (f" (token ids from {args.prompts_file})" if args.prompts_file else "")
     save_heads(heads, model, lm.name, out, command)
