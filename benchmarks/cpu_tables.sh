@@ -24,8 +24,8 @@ groups=${*:-spec engines serving teaching tp pp dp kv compare}
 for g in $groups; do
   case $g in
     spec)
-      run spec $PY -m speculative.benchmark --threads 2 --prompts speculative/prompts_eval.json --num-prompts 4 --sweep-k "" --tree fitted:4,fitted:8,dynamic:5 \
-        --draft-vocab 0,16384 --max-tokens 64 --out "$OUT/spec_benchmark.json" --plot "$OUT/spec_speedup_vs_k.png" ;;
+      run spec $PY -m speculative.benchmark --threads 2 --prompts speculative/prompts_eval.json --num-prompts 4 --sweep-k "" --tree fitted:4,dynamic:5 \
+        --medusa-lookup 0,3 --draft-vocab 16384 --max-tokens 64 --out "$OUT/spec_benchmark.json" --plot "$OUT/spec_speedup_vs_k.png" ;;
     engines)
       run engines_offline $PY -m engines.cpu_bench --out "$OUT/engines_cpu_bench.json" ;;
     serving)

@@ -15,6 +15,7 @@ step on this AMD CPU, and that, not the methods, decided the CPU speed-ups befor
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import statistics
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tree", default="default,fitted",
                         help="Medusa candidate trees, comma list: names of medusa.TREES, fitted, fitted:N "
                              "(medusa_tree.py), dynamic:N (chosen each step from the heads' probabilities)")
+    parser.add_argument("--medusa-lookup", default="0",
+                        help="comma list of k: each Medusa tree also with prompt lookup's k-token continuation as one "
+                             "more branch (medusa.LookupBranch; 0: the heads' tree alone)")
     parser.add_argument("--draft-vocab", default=None,
                         help="tokens the Medusa heads score, comma list (0: all; draft_vocab.py); default 16384 on a "
                              "CPU where the model has a ranking, else 0")
@@ -154,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         raise UserError(f"--draft-vocab {args.draft_vocab!r}: give sizes like 0,16384") from None
     vocabs = {size: load_draft_vocab(lm.name, model.lm_head, size) for size in vocab_sizes}
+    try:
+        lookups = [int(k) for k in args.medusa_lookup.split(",")]
+    except ValueError:
+        raise UserError(f"--medusa-lookup {args.medusa_lookup!r}: give branch lengths like 0,3") from None
     for i, (path, heads) in enumerate(zip(heads_paths, all_heads)):
         kind = "" if heads.kind == "plain" else "+" + heads.kind
         for tree_name in args.tree.split(","):
@@ -161,11 +169,12 @@ def main(argv: list[str] | None = None) -> None:
             if isinstance(tree, DynamicTree) and heads.chained:
                 print(f"skipping {tree_name} for {path.name}: chained heads take a fixed tree")
                 continue
-            for size, vocab in vocabs.items():
-                name = f"medusa{kind}, {tree_name} tree ({len(tree)})" + (f", vocab {size}" if size else "")
+            for (size, vocab), lookup_k in itertools.product(vocabs.items(), lookups):
+                name = (f"medusa{kind}, {tree_name} tree ({len(tree)})" + (f", vocab {size}" if size else "")
+                        + (f" + lookup {lookup_k}" if lookup_k else ""))
                 name += f" #{i + 1}" if name in methods else ""
-                methods[name] = lambda p, heads=heads, tree=tree, vocab=vocab: run_medusa(model, heads, p, params,
-                                                                                          tree, vocab=vocab)
+                methods[name] = lambda p, heads=heads, tree=tree, vocab=vocab, lookup_k=lookup_k: run_medusa(
+                    model, heads, p, params, tree, vocab=vocab, lookup_k=lookup_k)
     table = ["plain", *methods]
     for k in sweep:  # k values the main table already runs are not run twice
         methods.setdefault(f"draft k={k}", lambda p, k=k: run_draft(model, draft, p, params, k))
@@ -202,13 +211,13 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\n{lm.label}, batch 1, greedy, {args.max_tokens} new tokens, {args.num_prompts} ShareGPT evaluation "
           f"prompts per kind, {torch.get_num_threads()} thread(s), {report['linear']} Linear; {draft_label}")
-    head = f"{'kind':<6}{'method':<52}{'tok/s':>8}{'speed-up':>9}{'tok/pass':>9}{'same':>6}  acceptance per position"
+    head = f"{'kind':<6}{'method':<60}{'tok/s':>8}{'speed-up':>9}{'tok/pass':>9}{'same':>6}  acceptance per position"
     print(head + "\n" + "-" * len(head))
     for kind, res in report["results"].items():
         for name in table:
             r = res[name]
             acc = " ".join(f"{a:.2f}" for a in r["acceptance_rate_per_pos"][:8])
-            print(f"{kind:<6}{name:<52}{r['output_throughput']:>8.1f}{r['speedup']:>8.2f}x"
+            print(f"{kind:<6}{name:<60}{r['output_throughput']:>8.1f}{r['speedup']:>8.2f}x"
                   f"{r['mean_accepted_tokens_per_step']:>9.2f}{'yes' if r['identical_to_plain'] else 'NO':>6}  {acc}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

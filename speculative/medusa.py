@@ -8,13 +8,15 @@ The heads file records the model it was trained for and refuses any other. Token
 --token-conditioned) also read the embedding of the token the target has just chosen: a step towards Hydra's
 sequentially dependent heads that keeps Medusa's tree and single verification pass; chained heads (--chained) are
 Hydra's heads in the same residual form. A tree is fixed (hand-made, or fitted by medusa_tree.py) or dynamic
-(DynamicTree: the likeliest paths under the heads' probabilities, chosen anew each step). On a CPU the heads score
-only the 16,384 most frequent tokens (draft_vocab.py): their product with the full 49k-row LM head cost about a
-tenth of a step.
+(DynamicTree: the likeliest paths under the heads' probabilities, chosen anew each step); either can carry one more
+branch, prompt lookup's continuation (LookupBranch, --lookup K), which catches the runs of repeated text that the
+heads rarely guess past their first token. On a CPU the heads score only the 16,384 most frequent tokens
+(draft_vocab.py): their product with the full 49k-row LM head cost about a tenth of a step.
 
     python -m speculative.train_medusa                      # writes speculative/heads/smollm2-135m.medusa.safetensors
     python -m speculative.train_medusa --token-conditioned  # ... smollm2-135m.medusa-token.safetensors.xz
     python -m speculative.medusa --prompt "Give me three tips for a job interview."
+    python -m speculative.medusa --lookup 3                  # plus a prompt lookup branch of 3 tokens
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from core.model import Transformer
 from speculative.common import (RollbackKVCache, SpecResult, SpecStats, check_prompt, finish, load_target, pick,
                                 speculative_generate, stop_ids)
 from speculative.draft_vocab import DraftVocab, default_size, load_draft_vocab
+from speculative.prompt_lookup import PromptLookupProposer
 
 HEADS_DIR = Path(__file__).parent / "heads"
 
@@ -200,8 +203,28 @@ class TreeKVCache(RollbackKVCache):
             self.keep(start, torch.tensor(slots, device=self.key_pos.device))
 
 
-class Tree:
-    """Index tensors of a candidate tree: node 0 is the root (the pending token), nodes 1.. follow `choices`."""
+class TreeShape:
+    """What verification needs of a tree, from each node's parent (node 0 is the root, the pending token; parents
+    come before children): parent, depth, the attention mask (a node sees its ancestors and itself) and each node's
+    path from the root (its ancestors after the root, itself last)."""
+
+    def __init__(self, parents: list[int], device):
+        paths = [[]]
+        for node, parent in enumerate(parents[1:], start=1):
+            paths.append(paths[parent] + [node])
+        mask = torch.eye(len(parents), dtype=torch.bool)
+        for node, path in enumerate(paths):
+            mask[node, [0] + path] = True
+        self.parents = parents
+        self.parent = torch.tensor(parents, device=device)
+        self.depth = torch.tensor([len(p) for p in paths], device=device)
+        self.mask = mask.to(device)
+        self.ancestors = paths
+        self.max_depth = max(map(len, paths))
+
+
+class Tree(TreeShape):
+    """A candidate tree of the heads' guesses: node 0 is the root, nodes 1.. follow `choices` (rank paths)."""
 
     def __init__(self, choices: list[tuple[int, ...]], num_heads: int, device):
         if any(len(c) > num_heads for c in choices):
@@ -209,18 +232,9 @@ class Tree:
         index = {(): 0} | {c: i + 1 for i, c in enumerate(choices)}
         if any(c[:-1] not in index for c in choices):
             raise UserError("every tree path needs its parent path listed before it")
-        n = len(choices) + 1
-        self.parent = torch.tensor([0] + [index[c[:-1]] for c in choices], device=device)
-        self.depth = torch.tensor([0] + [len(c) for c in choices], device=device)
+        super().__init__([0] + [index[c[:-1]] for c in choices], device)
         self.rank = torch.tensor([0] + [c[-1] for c in choices], device=device)  # top-i of its head
         self.topk = max(c[-1] for c in choices) + 1
-        mask = torch.eye(n, dtype=torch.bool)
-        for c, i in index.items():
-            for d in range(len(c)):
-                mask[i, index[c[:d]]] = True  # a node sees all its ancestors (and itself)
-        self.mask = mask.to(device)
-        self.ancestors = [[index[c[:d]] for d in range(1, len(c) + 1)] for c in [()] + choices]
-        self.max_depth = max(map(len, choices))
         # For chained heads, per depth d: the nodes at depth d-1 with children; the children at depth d, each with
         # its parent's row among those and its rank; the most ranks any parent needs.
         self.levels = []
@@ -257,6 +271,35 @@ class Tree:
             toks[kids] = top[rows, ranks]
             states[kids] = z[rows]
         return toks
+
+
+class LookupBranch:
+    """Prompt lookup's continuation (prompt_lookup.py) as one more branch of each step's tree: the k tokens that
+    followed the latest earlier match of the context's last n-gram, merged into the heads' tree as into a trie (it
+    follows the nodes whose tokens match and grows new ones where it leaves them). The heads guess what is likely;
+    the branch catches what the text is repeating, which heads rarely guess past their first token."""
+
+    def __init__(self, k: int):
+        self.k, self.propose = k, PromptLookupProposer()
+        self.shapes: dict[tuple[int, ...], TreeShape] = {}
+
+    def graft(self, tree: TreeShape, ids: torch.Tensor, context: list[int]) -> tuple[TreeShape, torch.Tensor]:
+        """The tree and node tokens with the branch merged in (unchanged when the heads' tree already holds it)."""
+        chain, _ = self.propose(context, self.k)
+        parents, tokens, node = list(tree.parents), ids.tolist(), 0
+        for token in chain:
+            child = next((i for i in range(1, len(tokens)) if parents[i] == node and tokens[i] == token), None)
+            if child is None:
+                parents.append(node)
+                tokens.append(token)
+                child = len(tokens) - 1
+            node = child
+        if len(tokens) == len(ids):
+            return tree, ids
+        key = tuple(parents)
+        if key not in self.shapes:
+            self.shapes[key] = TreeShape(parents, ids.device)
+        return self.shapes[key], torch.tensor(tokens, device=ids.device)
 
 
 class DynamicTree:
@@ -312,10 +355,11 @@ def accepts(tokens: torch.Tensor, parent_logits: torch.Tensor, params: SamplingP
 @torch.inference_mode()
 def run_medusa(model: Transformer, heads: MedusaHeads, prompt: list[int], params: SamplingParams,
                choices: list[tuple[int, ...]] | DynamicTree = TREES["default"], posterior_threshold: float = 0.09,
-               posterior_alpha: float = 0.3, vocab: DraftVocab | None = None) -> SpecResult:
+               posterior_alpha: float = 0.3, vocab: DraftVocab | None = None, lookup_k: int = 0) -> SpecResult:
     """Medusa decoding of one prompt (batch 1). Greedy: the output equals plain greedy decoding.
     choices: a fixed tree, or a DynamicTree chosen anew each step from the heads' probabilities.
-    vocab: the heads score only these tokens (a reduced draft vocabulary); verification still sees all."""
+    vocab: the heads score only these tokens (a reduced draft vocabulary); verification still sees all.
+    lookup_k: also verify prompt lookup's k-token continuation, as one more branch (LookupBranch)."""
     import time
 
     device = next(model.parameters()).device
@@ -324,8 +368,11 @@ def run_medusa(model: Transformer, heads: MedusaHeads, prompt: list[int], params
         raise UserError("a dynamic tree needs heads that guess independently (plain or token-conditioned); "
                         "chained heads take a fixed tree")
     tree = None if dynamic else Tree(choices, len(heads.blocks), device)
+    if lookup_k < 0:
+        raise UserError(f"a lookup branch of {lookup_k} tokens: give 0 (none) or more")
+    lookup = LookupBranch(lookup_k) if lookup_k else None
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    cache = TreeKVCache.for_model(model, 1, check_prompt(model, prompt, params, len(choices) + 1))
+    cache = TreeKVCache.for_model(model, 1, check_prompt(model, prompt, params, len(choices) + 1 + lookup_k))
     stop, stats, new = stop_ids(model, params), SpecStats(), []
     heads_lm_head, vocab_ids = (vocab.lm_head, vocab.ids) if vocab else (model.lm_head, None)
 
@@ -344,21 +391,22 @@ def run_medusa(model: Transformer, heads: MedusaHeads, prompt: list[int], params
             head_logits = heads(h, heads_lm_head, emb)
             tree = dynamic.tree(head_logits) if dynamic else tree
             ids = tree.tokens(new[-1], head_logits, vocab_ids)
-        cache.set_tree(tree.mask)
-        hs = model.hidden_states(ids[None], (cached + tree.depth)[None], cache)[0]
+        shape, ids = lookup.graft(tree, ids, prompt + new) if lookup else (tree, ids)
+        cache.set_tree(shape.mask)
+        hs = model.hidden_states(ids[None], (cached + shape.depth)[None], cache)[0]
         cache.set_tree(None)
         logits = model.lm_head(hs).float()  # [n, V]
-        ok = accepts(ids, logits[tree.parent], params, posterior_threshold, posterior_alpha)
+        ok = accepts(ids, logits[shape.parent], params, posterior_threshold, posterior_alpha)
         ok[0] = True
-        path_ok = ~(tree.mask & ~ok).any(-1)  # a node counts only if it and all its ancestors are accepted
+        path_ok = ~(shape.mask & ~ok).any(-1)  # a node counts only if it and all its ancestors are accepted
         # Deepest accepted node. Greedy has at most one per depth; sampling breaks ties by the target's preference.
-        score = tree.depth.to(logits.dtype)
+        score = shape.depth.to(logits.dtype)
         if params.temperature > 0:
-            score = score * 1e4 + logits[tree.parent].log_softmax(-1).gather(-1, ids[:, None])[:, 0]
+            score = score * 1e4 + logits[shape.parent].log_softmax(-1).gather(-1, ids[:, None])[:, 0]
         best = int(torch.where(path_ok, score, torch.full_like(score, -1e9)).argmax())
-        path = tree.ancestors[best]
+        path = shape.ancestors[best]
         cache.keep_path(cached + 1, [cached + node for node in path])
-        stats.record(tree.max_depth, len(path))
+        stats.record(shape.max_depth, len(path))
         done = finish(new, ids[path].tolist() + [pick(logits[best], params, gen)], stop, params.max_tokens)
         h = hs[best]
     return SpecResult(new, ttft, time.perf_counter() - t0, stats)
@@ -377,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--draft-vocab", type=int, default=None,
                         help="the heads score only the N most frequent tokens (draft_vocab.py; 0: all). Default "
                              "16384 on a CPU (where the model has a ranking), all on a GPU")
+    parser.add_argument("--lookup", type=int, default=0,
+                        help="also verify prompt lookup's continuation of this many tokens as one more tree branch")
     parser.add_argument("--prompt", default="Give me three tips for a successful job interview.")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -394,11 +444,12 @@ def main(argv: list[str] | None = None) -> None:
     prompt = chat_prompt(lm.tokenizer, args.prompt)
     params = SamplingParams(args.max_tokens, args.temperature, seed=args.seed)
     plain = speculative_generate(lm.model, prompt, params)
-    spec = run_medusa(lm.model, heads, prompt, params, choices, vocab=vocab)
+    spec = run_medusa(lm.model, heads, prompt, params, choices, vocab=vocab, lookup_k=args.lookup)
     print(lm.tokenizer.decode(spec.tokens))
     s = spec.stats
     print(f"\n{lm.label}; Medusa {len(heads.blocks)} heads, tree {tree!r} ({len(choices)} nodes), heads scoring "
-          f"{len(vocab) if vocab else lm.model.config.vocab_size} tokens")
+          f"{len(vocab) if vocab else lm.model.config.vocab_size} tokens"
+          + (f", plus a prompt lookup branch of {args.lookup}" if args.lookup else ""))
     print(f"plain {plain.decode_tokens_per_s:.1f} tokens/s, Medusa {spec.decode_tokens_per_s:.1f} tokens/s, "
           f"{s.mean_accepted_per_step:.2f} tokens per target pass, acceptance per depth "
           + " ".join(f"{a:.2f}" for a in s.acceptance_rate_per_pos))

@@ -143,17 +143,24 @@ def test_quantized_target_as_draft(smollm, method, min_acceptance):
 
 
 def test_benchmark_runs_every_method_identically(tmp_path):
-    """The chapter's benchmark end to end on the tiny model: every row's greedy output is plain decoding's, and a
-    bad --draft-vocab is a one-line error."""
+    """The chapter's benchmark end to end on the tiny model, Medusa with and without a lookup branch included:
+    every row's greedy output is plain decoding's, and a bad --draft-vocab or --medusa-lookup is a one-line error."""
     import json
 
+    from core.loading import load_model
     from speculative.benchmark import main
+    from speculative.medusa import MedusaHeads, save_heads
+    heads = tmp_path / "tiny.medusa.safetensors"
+    save_heads(MedusaHeads(64, 4), load_model("tiny", "cpu", "float32", random_weights=True).model, "tiny", heads, "")
     out = tmp_path / "spec.json"
     args = ["--model", "tiny", "--random-weights", "--device", "cpu", "--prompts", "speculative/prompts_eval.json",
-            "--num-prompts", "1", "--max-tokens", "8", "--sweep-k", "", "--draft-layers", "1"]
+            "--num-prompts", "1", "--max-tokens", "8", "--sweep-k", "", "--draft-layers", "1",
+            "--heads", str(heads), "--tree", "chain", "--medusa-lookup", "0,2"]
     main(args + ["--out", str(out)])
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"chat", "code", "edit"}
+    assert {"medusa, chain tree (4)", "medusa, chain tree (4) + lookup 2"} <= set(results["chat"])
     assert all(r["identical_to_plain"] for kind in results.values() for r in kind.values())
-    with pytest.raises(SystemExit):
-        main(args + ["--draft-vocab", "many"])
+    for bad in (["--draft-vocab", "many"], ["--medusa-lookup", "three"]):
+        with pytest.raises(SystemExit):
+            main(args + bad)

@@ -6,8 +6,8 @@ from core.errors import UserError
 from core.generate import SamplingParams, chat_prompt, generate
 from speculative.common import speculative_generate
 from speculative.draft_vocab import DraftVocab, load_draft_vocab
-from speculative.medusa import (TREES, DynamicTree, MedusaHeads, Tree, TreeKVCache, committed_heads, load_heads,
-                                run_medusa, save_heads, tree_choices)
+from speculative.medusa import (TREES, DynamicTree, LookupBranch, MedusaHeads, Tree, TreeKVCache, committed_heads,
+                                load_heads, run_medusa, save_heads, tree_choices)
 from speculative.medusa_tree import best_tree, dynamic_expected_tokens, expected_tokens, path_counts
 
 
@@ -83,6 +83,42 @@ def test_greedy_identical_with_dynamic_trees(tiny):
             assert run_medusa(tiny.model, heads, prompt, p, DynamicTree(size)).tokens == plain, size
     with pytest.raises(UserError, match="chained heads take a fixed tree"):
         run_medusa(tiny.model, _random_heads(tiny.model, chained=True), prompt, p, DynamicTree(4))
+
+
+def test_lookup_branch_merges_into_the_tree_as_a_trie():
+    """The lookup chain follows the heads' nodes while their tokens match and grows new nodes from where it leaves
+    them; a chain the tree already holds changes nothing."""
+    tree = Tree([(0,), (0, 0), (1,)], 2, "cpu")
+    ids = torch.tensor([9, 20, 21, 30])  # root 9; (0,) = 20, (0, 0) = 21, (1,) = 30
+    context = [5, 20, 40, 41, 9]  # ... 20 40 41 earlier, then the root 9: no match of "9"; of nothing shorter
+    branch = LookupBranch(3)
+    shape, toks = branch.graft(tree, ids, context)
+    assert shape is tree and toks is ids  # no earlier occurrence of the last token: no chain
+    context = [9, 20, 40, 41, 5, 9]  # the root 9 followed 20 40 41 before
+    shape, toks = branch.graft(tree, ids, context)
+    assert toks.tolist() == [9, 20, 21, 30, 40, 41]  # 20 is node (0,): 40 hangs under it, 41 under 40
+    assert shape.parents == [0, 0, 1, 0, 1, 4]
+    assert shape.ancestors[5] == [1, 4, 5] and shape.depth.tolist() == [0, 1, 2, 1, 2, 3]
+    assert shape.mask[5].tolist() == [True, True, False, False, True, True]
+    shape, toks = LookupBranch(2).graft(tree, ids, [9, 20, 21, 5, 9])
+    assert shape is tree and toks is ids  # 20 21: already the chain of best guesses
+
+
+def test_greedy_identical_with_lookup_branch(tiny):
+    """A prompt that repeats itself, so the branch proposes: every tree and branch length still equals plain."""
+    p = SamplingParams(max_tokens=30, ignore_eos=True)
+    prompt = [1, 7, 8, 9, 7, 8, 9, 10, 7, 8]
+    plain = speculative_generate(tiny.model, prompt, p).tokens
+    token_heads = _random_heads(tiny.model, token_conditioned=True)
+    for heads, tree in ((_random_heads(tiny.model), TREES["small"]), (token_heads, DynamicTree(5)),
+                        (_random_heads(tiny.model, chained=True), TREES["chain"])):
+        alone = run_medusa(tiny.model, heads, prompt, p, tree).stats.mean_accepted_per_step
+        for k in (1, 3, 8):
+            result = run_medusa(tiny.model, heads, prompt, p, tree, lookup_k=k)
+            assert result.tokens == plain, (tree, k)
+            assert result.stats.mean_accepted_per_step > alone  # the model repeats itself: the branch is accepted
+    with pytest.raises(UserError, match="lookup branch of -1"):
+        run_medusa(tiny.model, token_heads, prompt, p, DynamicTree(5), lookup_k=-1)
 
 
 def test_chained_tree_tokens_follow_each_parent():
