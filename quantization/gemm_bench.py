@@ -1,4 +1,4 @@
-"""One projection y = layer(x) on a GPU: BF16 against our three INT4 backends, from 1 to 1024 rows.
+"""One projection y = layer(x) on a GPU: BF16 against our INT4 backends (and INT8's), from 1 to 1024 rows.
 
 A served INT4 model is only faster than BF16 if each projection is, at the row counts continuous batching produces
 (16-256 per decode step, thousands in a prefill). For the Llama-2-7B shapes this times, in bfloat16:
@@ -8,7 +8,8 @@ A served INT4 model is only faster than BF16 if each projection is, at the row c
   up to DEQUANT_MIN_ROWS rows, tdequant beyond);
 - gemm: that GEMM at every row count;
 - tdequant: our one-pass Triton kernel writes a BF16 copy of W, then cuBLAS;
-- dequant: the portable backend: unpack to a BF16 copy of W in PyTorch ops, then cuBLAS.
+- dequant: the portable backend: unpack to a BF16 copy of W in PyTorch ops, then cuBLAS;
+- int8: Int8Linear's "triton" backend (our INT8 matrix-vector kernel up to MATVEC_MAX_ROWS rows, dequant beyond).
 Each time is the median of CUDA-event timings of single calls replayed from a CUDA graph (no Python launch cost, as
 in a serving engine), with L2 flushed before each (the weights come from HBM, as in a model whose layers stream
 through). GB/s is weight bytes (packed codes + scales + zeros for INT4) over time; TFLOP/s is 2MNK
@@ -28,18 +29,23 @@ import torch
 
 from core.errors import UserError, cli
 from core.measure import graph_replay_us
-from quantization.linear import Int4Linear
+from quantization.linear import Int4Linear, Int8Linear
 
-SHAPES = {"q/o proj": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}  # name: (N, K)
+# name: (N, K); q|k|v and gate|up fused, as our engine and gpu_bench's "fused" configs serve them
+SHAPES = {"q/o proj": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008), "qkv": (12288, 4096),
+          "gate|up": (22016, 4096)}
 ROWS = (1, 8, 16, 32, 64, 128, 256, 512, 1024)
-BACKENDS = ("bf16", "torch", "triton", "gemm", "tdequant", "dequant")
+BACKENDS = ("bf16", "torch", "triton", "gemm", "tdequant", "dequant", "int8")
 
 
 
 
-def forward(layer: torch.nn.Linear, q: Int4Linear, backend: str, x: torch.Tensor) -> torch.Tensor:
+def forward(layer: torch.nn.Linear, q: Int4Linear, backend: str, x: torch.Tensor, q8: Int8Linear) -> torch.Tensor:
     if backend == "bf16":
         return layer(x)
+    if backend == "int8":
+        q8.backend = "triton"
+        return q8(x)
     if backend == "gemm":
         from quantization.triton_gemm import int4_matmul  # Triton only once a GPU is there
         return int4_matmul(x, q.qweight, q.scales, q.zeros, q.group_size)
@@ -50,22 +56,24 @@ def forward(layer: torch.nn.Linear, q: Int4Linear, backend: str, x: torch.Tensor
     return q(x)
 
 
-def int4_bytes(q: Int4Linear, backend: str) -> int:
-    tensors = q._kernel if backend == "torch" else (q.qweight, q.scales, q.zeros)
+def quantized_bytes(q: Int4Linear, backend: str, q8: Int8Linear) -> int:
+    tensors = q._kernel if backend == "torch" else (q8.qweight, q8.scales) if backend == "int8" else (
+        q.qweight, q.scales, q.zeros)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @torch.no_grad()
-def max_errors(layer: torch.nn.Linear, q: Int4Linear) -> dict[str, float]:
-    """Per INT4 backend, max |y - x @ W_deq^T| / max |x @ W_deq^T| over 4 rows (matrix-vector) and 64 (GEMM)."""
+def max_errors(layer: torch.nn.Linear, q: Int4Linear, q8: Int8Linear) -> dict[str, float]:
+    """Per quantized backend, max |y - x @ W_deq^T| / max |x @ W_deq^T| over 4 rows (matrix-vector) and 64 (GEMM)."""
     errors = {}
     for backend in BACKENDS[1:]:
         worst = 0.0
         try:
             for rows in (4, 64):
                 x = torch.randn(rows, layer.in_features, device="cuda", dtype=torch.bfloat16)
-                ref = (x @ q.dequantized_weight().to(torch.bfloat16).T).float()
-                y = forward(layer, q, backend, x).float()
+                w = (q8 if backend == "int8" else q).dequantized_weight()
+                ref = (x @ w.to(torch.bfloat16).T).float()
+                y = forward(layer, q, backend, x, q8).float()
                 worst = max(worst, ((y - ref).abs().max() / ref.abs().max()).item())
         except Exception:  # the timing below reports what failed
             worst = float("nan")
@@ -79,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated row counts M")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, of {', '.join(BACKENDS)}")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=50)
@@ -89,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.shapes.split(",")) - set(SHAPES)
     if unknown:
         raise UserError(f"unknown shapes {sorted(unknown)} (choose from {', '.join(SHAPES)})")
+    backends = args.backends.split(",")
+    if set(backends) - set(BACKENDS):
+        raise UserError(f"unknown backends {sorted(set(backends) - set(BACKENDS))} (choose from {', '.join(BACKENDS)})")
     rows_list = [int(r) for r in args.rows.split(",")]
     import triton
     device_name = torch.cuda.get_device_name()
@@ -99,17 +111,17 @@ def main(argv: list[str] | None = None) -> None:
         N, K = SHAPES[name]
         layer = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
         torch.nn.init.normal_(layer.weight, 0.0, 0.02)
-        q = Int4Linear.from_linear(layer, args.group_size)
-        result["errors"][name] = errors = max_errors(layer, q)
+        q, q8 = Int4Linear.from_linear(layer, args.group_size), Int8Linear.from_linear(layer)
+        result["errors"][name] = errors = max_errors(layer, q, q8)
         print(f"{name} (N={N}, K={K}) max error vs BF16 x @ W_deq^T: "
               + ", ".join(f"{b} {e:.1e}" for b, e in errors.items()), flush=True)
         for M in rows_list:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            for backend in BACKENDS:
+            for backend in backends:
                 row = {"shape": name, "N": N, "K": K, "M": M, "backend": backend}
                 try:
-                    us = graph_replay_us(lambda: forward(layer, q, backend, x), args.warmup, args.repeats)
-                    nbytes = layer.weight.nbytes if backend == "bf16" else int4_bytes(q, backend)
+                    us = graph_replay_us(lambda: forward(layer, q, backend, x, q8), args.warmup, args.repeats)
+                    nbytes = layer.weight.nbytes if backend == "bf16" else quantized_bytes(q, backend, q8)
                     row.update(us=us, tflops=2 * M * N * K / us / 1e6, weight_gbs=nbytes / us / 1e3)
                 except Exception as e:  # a kernel missing in this torch build, a compiler failure: say so, go on
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
@@ -121,13 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nLlama-2-7B projections [RANDOM weights, speed only], bfloat16, INT4 group {args.group_size}, "
           f"{device_name}, torch {torch.__version__}, triton {triton.__version__}; per backend: "
           "us / TFLOP/s / weight GB/s")
-    head = f"{'shape':<10}{'M':>6}" + "".join(f"{b:>26}" for b in BACKENDS)  # 146 characters wide
+    head = f"{'shape':<10}{'M':>6}" + "".join(f"{b:>26}" for b in backends)
     print(head + "\n" + "-" * len(head))
     cells = {(r["shape"], r["M"], r["backend"]): r for r in result["rows"]}
     for name in args.shapes.split(","):
         for M in rows_list:
             line = f"{name:<10}{M:>6}"
-            for b in BACKENDS:
+            for b in backends:
                 r = cells[name, M, b]
                 line += (f"{r['us']:>10.1f}{r['tflops']:>7.1f}{r['weight_gbs']:>9.0f}" if "us" in r
                          else f"{r['error'][:24]:>26}")

@@ -3,18 +3,22 @@
 At batch 1 a decode step is y = x @ W^T for a single row x, so its time is the time to read W. PyTorch's built-in
 INT8 kernel (`_weight_int8pack_mm`) is far slower than BF16 at one row on an H100, and the "dequant" backend writes
 a float copy of W before multiplying, so neither gets the 2x (INT8) or 4x (INT4) fewer bytes that quantization
-promises. These kernels load packed codes, widen them in registers, and multiply-accumulate in float32:
+promises. These kernels load packed codes as 32-bit words, widen them in registers, and multiply-accumulate in
+float32:
 
-- each program owns BLOCK_N output channels of one input row and walks K a block at a time;
-- INT8: y[n] = s[n] * sum_k q[n, k] x[k] (the per-channel scale applied once, at the end);
-- INT4: codes are two per byte (even k in the low nibble, our packing); each byte's two codes get their group's
-  scale and zero, y[n] = sum_k (q[n, k] - z[n, k // G]) s[n, k // G] x[k]. The scales are re-read per byte, from
-  cache: they are 1/64 of the bytes at group size 128.
-- products accumulate in a [BLOCK_N, BLOCK_K] tile of registers and are summed across K once, at the end.
+- each program owns BLOCK_N output channels of one input row and walks K a tile of BLOCK_W words at a time, loading
+  the next tile before it computes on this one (twice the bytes in flight: reading W is the whole cost);
+- a word holds 8 INT4 codes (our packing, read little-endian: code i of word j is input 8j + i) or 4 INT8 codes;
+- codes become floats without an int-to-float conversion, which runs at an eighth of the FMA rate on an H100 and
+  would cost as much as reading the weights: OR-ing a code c sitting at bit 4i into the bits of the float 2^23
+  gives the float 2^23 + c * 16^i exactly (one AND-OR instruction), minus 2^23 is c * 16^i, and the 16^-i goes into
+  x instead (exact: a power of two). Codes above bit 16 are shifted down first, once per word;
+- INT4: y[n] = sum_g s[n, g] (sum_{k in g} q[n, k] x[k] - z[n, g] sum_{k in g} x[k]); INT8: y[n] = s[n] sum_k q x
+  (q + 128 unsigned: the same trick, with 128 sum x taken off).
 
-They are for a few rows (decode): the modules in linear.py send more than MATVEC_MAX_ROWS rows to dequantize + cuBLAS,
-which is compute-bound there anyway. Checked against the float reference in tests/test_quantization_triton.py (Triton's CPU interpreter)
-and on a GPU by quantization/gpu_bench.py's kernel-error column.
+They are for a few rows (decode): the modules in linear.py send more rows elsewhere. Checked against the float
+reference in tests/test_quantization_triton.py (Triton's CPU interpreter) and on a GPU by quantization/gpu_bench.py's
+kernel-error column.
 """
 from __future__ import annotations
 
@@ -22,57 +26,90 @@ import torch
 import triton
 import triton.language as tl
 
+TWO_23 = tl.constexpr(8388608.0)  # 2^23: the float whose low 23 bits are its mantissa's
 
 
 @triton.jit
-def _int8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(1)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    # Products pile up per lane; one reduction across K at the end instead of one per tile.
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        x = tl.load(x_ptr + row * K + k, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-        acc += w.to(tl.float32) * x[None, :]
-    s = tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * N + n, (tl.sum(acc, axis=1) * s).to(y_ptr.dtype.element_ty), mask=n_ok)
+def _as_float(word, mask: tl.constexpr):
+    """(word & mask) as a float + 2^23, exact when mask lies within the low 23 bits."""
+    return ((word & mask) | 0x4B000000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_B: tl.constexpr):
+def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, W, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_W: tl.constexpr):
     row = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     groups = K // GROUP
-    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
-    for b0 in range(0, K // 2, BLOCK_B):  # a tile of BLOCK_B bytes = 2 * BLOCK_B inputs, possibly several groups
-        b = b0 + tl.arange(0, BLOCK_B)  # byte b holds inputs 2b (low nibble) and 2b + 1 (high nibble)
-        b_ok = b < K // 2
-        ok = n_ok[:, None] & b_ok[None, :]
-        x_even = tl.load(x_ptr + row * K + 2 * b, mask=b_ok, other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + row * K + 2 * b + 1, mask=b_ok, other=0.0).to(tl.float32)
-        packed = tl.load(w_ptr + n[:, None] * (K // 2) + b[None, :], mask=ok, other=0).to(tl.int32)
-        g = (2 * b) // GROUP  # both nibbles of a byte share a group (GROUP is even)
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    j = tl.arange(0, BLOCK_W)
+    words = tl.load(w_ptr + n[:, None] * W + j[None, :], mask=n_ok[:, None] & (j < W)[None, :], other=0)
+    for w0 in range(0, W, BLOCK_W):
+        j = w0 + tl.arange(0, BLOCK_W)
+        j_ok = j < W
+        ahead = j + BLOCK_W
+        following = tl.load(w_ptr + n[:, None] * W + ahead[None, :], mask=n_ok[:, None] & (ahead < W)[None, :],
+                            other=0)
+        high = words >> 16  # codes 4-7 of each word, where the float trick reaches them
+        dot = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        unit = 1.0  # 16^-i
+        for i in tl.static_range(4):
+            x_lo = tl.load(x_ptr + row * K + 8 * j + i, mask=j_ok, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptr + row * K + 8 * j + i + 4, mask=j_ok, other=0.0).to(tl.float32)
+            x_sum += x_lo + x_hi
+            dot += (_as_float(words, 0xF << (4 * i)) - TWO_23) * (x_lo * unit)[None, :]
+            dot += (_as_float(high, 0xF << (4 * i)) - TWO_23) * (x_hi * unit)[None, :]
+            unit *= 0.0625
+        g = (8 * j) // GROUP  # a word never straddles two groups (GROUP is a multiple of 8)
+        ok = n_ok[:, None] & j_ok[None, :]
         s = tl.load(s_ptr + n[:, None] * groups + g[None, :], mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + n[:, None] * groups + g[None, :], mask=ok, other=0).to(tl.float32)
-        lo = (packed & 0xF).to(tl.float32) - z
-        hi = (packed >> 4).to(tl.float32) - z
-        acc += s * (lo * x_even[None, :] + hi * x_odd[None, :])
+        z = tl.load(z_ptr + n[:, None] * groups + g[None, :], mask=ok, other=0).to(tl.int32)
+        acc += s * (dot - (_as_float(z, 0xFF) - TWO_23) * x_sum[None, :])
+        words = following
     tl.store(y_ptr + row * N + n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-# On a GPU the block of channels per program and the warps are tuned once per weight shape (during the warm-up, before
-# any CUDA-graph capture); Triton's CPU interpreter, which the tests use, cannot time kernels and takes one config.
-CONFIGS_INT8 = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-                for n, k in ((4, 512), (8, 256), (8, 512), (16, 256)) for w in (4, 8)]
-CONFIGS_INT4 = [triton.Config({"BLOCK_N": n, "BLOCK_B": b}, num_warps=w)
-                for n, b in ((4, 256), (8, 128), (8, 256), (16, 128)) for w in (4, 8)]
-_int8_tuned = triton.autotune(configs=CONFIGS_INT8, key=["N", "K"])(_int8_kernel)
-_int4_tuned = triton.autotune(configs=CONFIGS_INT4, key=["N", "K", "GROUP"])(_int4_kernel)
+@triton.jit
+def _int8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, W, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    row = tl.program_id(1)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_W,), dtype=tl.float32)
+    j = tl.arange(0, BLOCK_W)
+    words = tl.load(w_ptr + n[:, None] * W + j[None, :], mask=n_ok[:, None] & (j < W)[None, :], other=0)
+    for w0 in range(0, W, BLOCK_W):
+        j = w0 + tl.arange(0, BLOCK_W)
+        j_ok = j < W
+        ahead = j + BLOCK_W
+        following = tl.load(w_ptr + n[:, None] * W + ahead[None, :], mask=n_ok[:, None] & (ahead < W)[None, :],
+                            other=0)
+        biased = words ^ -0x7F7F7F80  # XOR 0x80 in every byte: q + 128, from 0 to 255
+        high = biased >> 16
+        unit = 1.0  # 256^-i
+        for i in tl.static_range(2):
+            x_lo = tl.load(x_ptr + row * K + 4 * j + i, mask=j_ok, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptr + row * K + 4 * j + i + 2, mask=j_ok, other=0.0).to(tl.float32)
+            x_sum += x_lo + x_hi
+            acc += (_as_float(biased, 0xFF << (8 * i)) - TWO_23) * (x_lo * unit)[None, :]
+            acc += (_as_float(high, 0xFF << (8 * i)) - TWO_23) * (x_hi * unit)[None, :]
+            unit *= 0.00390625
+        words = following
+    s = tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    y = (tl.sum(acc, axis=1) - 128.0 * tl.sum(x_sum, axis=0)) * s
+    tl.store(y_ptr + row * N + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+# On a GPU the channels per program, the words per K tile and the warps are tuned once per weight shape (during the
+# warm-up, before any CUDA-graph capture); Triton's CPU interpreter, which the tests use, cannot time kernels and
+# takes one config.
+CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps)
+           for n, w, warps in ((8, 128, 4), (8, 256, 4), (16, 64, 4), (16, 128, 4), (16, 256, 8), (32, 128, 8),
+                               (32, 256, 8), (64, 128, 8))]
+_int8_tuned = triton.autotune(configs=CONFIGS, key=["N", "K"])(_int8_kernel)
+_int4_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "GROUP"])(_int4_kernel)
 
 
 def _launch(tuned, plain, x: torch.Tensor, N: int, M: int, *args, **plain_config) -> None:
@@ -82,12 +119,20 @@ def _launch(tuned, plain, x: torch.Tensor, N: int, M: int, *args, **plain_config
         plain[(triton.cdiv(N, plain_config["BLOCK_N"]), M)](*args, **plain_config)
 
 
+def _words(q: torch.Tensor, codes_per_word: int) -> torch.Tensor:
+    if q.shape[-1] % 4 or not q.is_contiguous():
+        raise ValueError(f"the Triton matrix-vector kernels read 32-bit words: K must be a multiple of "
+                         f"{codes_per_word} (got {q.shape[-1] * codes_per_word // 4})")
+    return q.view(torch.int32)
+
+
 def int8_matvec(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] (a few rows), qweight int8 [N, K], scales [N] -> y [M, N] in x's dtype."""
     M, K = x.shape
     N = qweight.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _launch(_int8_tuned, _int8_kernel, x, N, M, x.contiguous(), qweight, scales, y, N, K, BLOCK_N=16, BLOCK_K=128)
+    _launch(_int8_tuned, _int8_kernel, x, N, M, x.contiguous(), _words(qweight, 4), scales, y, N, K, K // 4,
+            BLOCK_N=16, BLOCK_W=16)
     return y
 
 
@@ -96,9 +141,9 @@ def int4_matvec(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     """x [M, K] (a few rows), qweight uint8 [N, K/2] (low nibble first), scales [N, G], zeros uint8 [N, G]."""
     M, K = x.shape
     N = qweight.shape[0]
-    if group_size % 2:
-        raise ValueError(f"the Triton INT4 kernel takes even group sizes (got {group_size})")
+    if group_size % 8:
+        raise ValueError(f"the Triton INT4 kernel takes group sizes that are multiples of 8 (got {group_size})")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _launch(_int4_tuned, _int4_kernel, x, N, M, x.contiguous(), qweight, scales, zeros, y, N, K, group_size,
-            BLOCK_N=16, BLOCK_B=64)
+    _launch(_int4_tuned, _int4_kernel, x, N, M, x.contiguous(), _words(qweight, 8), scales, zeros, y, N, K, K // 8,
+            group_size, BLOCK_N=16, BLOCK_W=16)
     return y

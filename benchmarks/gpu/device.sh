@@ -266,6 +266,23 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --configs int4:triton:compile:fused:factored,int4:torch:compile:fused --max-tokens 32 --repeats 2 \
       --out "$OUT/quant_gpu_70b_fused.json"
     ;;
+  a16)  # triton_gemv.py's word-wide kernels (codes made floats by bit tricks, the next K tile loaded before this one's
+        # math): their GPU tests, each projection at one row against tinygemm and BF16, then the 7B decode with them
+    export TRITON_CACHE_AUTOTUNING=1  # gemm_bench's tuning is reused by gpu_bench: the same shapes and configs
+    run gpu_tests_gemv 60 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
+    run gemv_bench 150 python -m quantization.gemm_bench --rows 1,4 --backends bf16,torch,triton,int8 \
+      --out "$OUT/gemv_bench.json"
+    run quant_7b_gemv_int4 190 python -m quantization.gpu_bench --model llama2-7b --int4-head \
+      --configs int4:triton:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_gemv_int4.json"
+    run quant_7b_gemv_int8 190 python -m quantization.gpu_bench --model llama2-7b \
+      --configs int8:triton:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_gemv_int8.json"
+    ;;
+  a17)  # a16's baselines on the same machine: tinygemm and BF16, compiled, q|k|v and gate|up fused
+    run quant_7b_tinygemm 190 python -m quantization.gpu_bench --model llama2-7b --int4-head \
+      --configs int4:torch:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_tinygemm.json"
+    run quant_7b_bf16 190 python -m quantization.gpu_bench --model llama2-7b \
+      --configs bf16:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_bf16.json"
+    ;;
   a15)  # the factored kernel's tiles against the plain kernel's, one row, 7B and 70B projections
     run gemm_tiles_factored 500 python -m quantization.gemm_tiles --rows 1 --repeats 10 --top 3 \
       --shapes o,qkv,gate_up,down,70b_o,70b_qkv,70b_gate_up,70b_down --out "$OUT/gemm_tiles_factored.json"
@@ -382,11 +399,24 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --prompts-file .device-kit/medusa_prompts.json --size 96
     cp "$OUT"/$H* /root/models/ 2>/dev/null
     ;;
-  m8)  # after m7 on the same machine: Medusa with the token-conditioned and the chained heads, fitted and dynamic trees
+  m8)  # after m7 on the same machine: Medusa with the token-conditioned and the chained heads, fitted and dynamic trees,
+      # alone and with a prompt lookup branch
     run spec_chained 560 python -m speculative.benchmark --device cuda --dtype float32 \
       --prompts speculative/prompts_eval.json --num-prompts 4 --max-tokens 128 --sweep-k "" \
-      --tree fitted:4,fitted:32,fitted:96,dynamic:32,dynamic:96 \
+      --tree fitted:32,dynamic:32 --medusa-lookup 0,8 \
       --heads speculative/heads/smollm2-135m.medusa-token.safetensors.xz,/root/models/smollm2-135m.medusa-chained.safetensors.xz \
+      --out "$OUT/spec_benchmark_h100_chained.json"
+    ;;
+  m9)  # the committed token-conditioned heads with a prompt lookup branch (medusa.LookupBranch), default model staged
+    run spec_lookup_branch 500 python -m speculative.benchmark --device cuda --dtype float32 \
+      --prompts speculative/prompts_eval.json --num-prompts 4 --max-tokens 128 --sweep-k "" \
+      --tree fitted:96,dynamic:32 --medusa-lookup 0,8 \
+      --heads speculative/heads/smollm2-135m.medusa-token.safetensors.xz --out "$OUT/spec_benchmark_h100_lookup.json"
+    ;;
+  m10)  # after m7 on the same machine: the chained heads' fitted:96 tree, alone and with a lookup branch
+    run spec_chained_lookup 320 python -m speculative.benchmark --device cuda --dtype float32 \
+      --prompts speculative/prompts_eval.json --num-prompts 4 --max-tokens 128 --sweep-k "" \
+      --tree fitted:96 --medusa-lookup 0,8 --heads /root/models/smollm2-135m.medusa-chained.safetensors.xz \
       --out "$OUT/spec_benchmark_h100_chained.json"
     ;;
   m4)  # every method on the same prompts; Medusa with the committed heads (#1) and with stage m3's (#2)
