@@ -1,12 +1,13 @@
-"""Instructions per weight in the hot loop of our INT4 GEMM kernels, from the machine code, without a GPU.
+"""Instructions per weight in the hot loop of our INT4/INT8 kernels, from the machine code, without a GPU.
 
 A matrix-vector product at batch 1 reads each weight once, so a kernel can only keep up with the memory if it issues
 few instructions per weight: an H100 moves about 6e12 INT4 weights a second and issues about 3e13 thread
 instructions a second, so 5 instructions per weight is already the whole instruction budget. This compiles
-triton_gemm.py's two kernels (plain: scale and zero applied to every weight; factored: once per group) for sm_90
-with Triton's own ptxas, disassembles them with its nvdisasm, and counts the instructions of the K loop (the
-longest backward branch) per weight a thread handles, by opcode. Counting is not timing: memory stalls and the
-tensor cores' throughput are not in it (gemm_tiles.py times the kernels on a GPU).
+triton_gemm.py's two GEMM kernels (plain: scale and zero applied to every weight; factored: once per group) and
+triton_gemv.py's matrix-vector kernels (gemv4, gemv8) for sm_90 with Triton's own ptxas, disassembles them with its
+nvdisasm, and counts the instructions of the K loop (the longest backward branch) per weight a thread handles, by
+opcode. Counting is not timing: memory stalls and the tensor cores' throughput are not in it (gemm_tiles.py and
+gemm_bench.py time the kernels on a GPU).
 
     python -m quantization.kernel_sass                       # one row: BLOCK_M 16, a few tile shapes
 """
@@ -21,8 +22,11 @@ import tempfile
 
 from core.errors import UserError, cli
 
-# (kernel, BLOCK_N, BLOCK_K, warps, stages): the table's tile for few rows (plain) and its factored counterparts.
-CASES = (("plain", 64, 256, 4, 4), ("plain", 64, 128, 4, 4), ("factored", 64, 128, 4, 4), ("factored", 128, 128, 8, 4))
+# (kernel, BLOCK_N, BLOCK_K, warps, stages): the table's tile for few rows (plain), its factored counterparts, and
+# matrix-vector tiles (BLOCK_K counts 32-bit words there: BLOCK_W).
+CASES = (("plain", 64, 256, 4, 4), ("plain", 64, 128, 4, 4), ("factored", 64, 128, 4, 4), ("factored", 128, 128, 8, 4),
+         ("gemv4", 16, 128, 4, 1), ("gemv4", 8, 256, 4, 1), ("gemv8", 16, 128, 4, 1), ("gemv8", 32, 256, 8, 1))
+WEIGHTS_PER_K = {"plain": 1, "factored": 1, "gemv4": 8, "gemv8": 4}  # weights per unit of BLOCK_K (gemv: a word)
 ARGS = {"x_ptr": "*bf16", "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
         "SPLIT": "i32"}
 
@@ -50,16 +54,22 @@ def compile_sass(kernel: str, block_n: int, block_k: int, warps: int, stages: in
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from quantization import triton_gemm
-    fn = triton_gemm._int4_gemm_factored_kernel if kernel == "factored" else triton_gemm._int4_gemm_kernel
-    signature = {"w_ptr": "*i32" if kernel == "factored" else "*u8", **ARGS}
+    from quantization import triton_gemm, triton_gemv
+    if kernel.startswith("gemv"):
+        fn = triton_gemv._int4_kernel if kernel == "gemv4" else triton_gemv._int8_kernel
+        signature = {**ARGS, "w_ptr": "*i32", "W": "i32"}
+        constants = {"GROUP": 128, "BLOCK_N": block_n, "BLOCK_W": block_k}
+    else:
+        fn = triton_gemm._int4_gemm_factored_kernel if kernel == "factored" else triton_gemm._int4_gemm_kernel
+        signature = {"w_ptr": "*i32" if kernel == "factored" else "*u8", **ARGS}
+        constants = {"GROUP": 128, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRECISION": "tf32"}
+        constants.update({"OFFSET": 128.0} if kernel == "factored" else {"TILE_GROUPS": max(1, block_k // 128)})
     signature = {name: signature[name] for name in fn.arg_names if name in signature}
-    constants = {"GROUP": 128, "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRECISION": "tf32"}
-    constants.update({"OFFSET": 128.0} if kernel == "factored" else {"TILE_GROUPS": max(1, block_k // 128)})
+    constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     signature.update({name: "constexpr" for name in constants})
     # Pointers 16-byte aligned and N, K multiples of 16, as Triton specializes them at a real launch.
-    aligned = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "N", "K")
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    aligned = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "N", "K", "W")
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned if a in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
@@ -79,11 +89,12 @@ def main(argv: list[str] | None = None) -> None:
         import triton  # noqa: F401
     except ImportError:
         raise UserError("kernel_sass needs Triton (pip install triton); no GPU is needed") from None
-    print("INT4 GEMM, group 128, BLOCK_M 16 (one row of x padded to the tensor cores' 16), sm_90, bfloat16")
+    print("INT4 GEMM (BLOCK_M 16: one row of x padded to the tensor cores' 16) and INT4/INT8 matrix-vector kernels, "
+          "group 128, sm_90, bfloat16")
     print(f"{'kernel':<10}{'BLOCK_N':>8}{'BLOCK_K':>8}{'warps':>6}{'loop instr.':>12}{'per weight':>11}  top opcodes")
     for kernel, block_n, block_k, warps, stages in CASES:
         ops = loop_opcodes(compile_sass(kernel, block_n, block_k, warps, stages))
-        per_thread = block_n * block_k / (32 * warps)  # weights each thread unpacks per trip through the loop
+        per_thread = block_n * block_k * WEIGHTS_PER_K[kernel] / (32 * warps)  # weights per thread per trip
         total = sum(ops.values())
         print(f"{kernel:<10}{block_n:>8}{block_k:>8}{warps:>6}{total:>12}{total / per_thread:>11.2f}  "
               + " ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))

@@ -142,12 +142,12 @@ class Int4Linear(nn.Module):
         elif self.backend == "triton" and x.is_cuda:
             from quantization import triton_gemm
             from quantization.triton_gemm import DEQUANT_MIN_ROWS, int4_dequantize, int4_matmul
-            from quantization.triton_gemv import int4_matvec
+            from quantization.triton_gemv import int4_matvec, int4_matvec_takes
             x2 = x.reshape(-1, x.shape[-1])
             if len(x2) > DEQUANT_MIN_ROWS:  # compute-bound: cuBLAS on a BF16 copy of W, made in one pass
                 w = int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, x.dtype)
                 y = F.linear(x2, w)
-            elif len(x2) == 1 and not triton_gemm.FACTORED_MAX_ROWS:
+            elif len(x2) == 1 and not triton_gemm.FACTORED_MAX_ROWS and int4_matvec_takes(self.group_size):
                 y = int4_matvec(x2, self.qweight, self.scales, self.zeros, self.group_size)
             else:
                 # Past one row the GEMM wins: on an H100 it took 19-36 us at 8 rows where the matrix-vector kernel,

@@ -32,8 +32,9 @@ A second kernel, `_int4_gemm_factored_kernel`, takes the scale and zero out of t
 group): the tile fed to the tensor cores is the codes plus a constant, unpacked two at a time by one AND and one OR on
 a 32-bit word, and each channel's scale and zero are applied once per tile. Compiled for an H100 (sm_90), its loop
 issues about 4.8 instructions per weight at one row against 5.5-6.5 for the kernel above (counted in the SASS by
-`python -m quantization.kernel_sass`, not timed); config FACTORED=True selects it, gemm_tiles.py sweeps both, and
-block_config picks it up to FACTORED_MAX_ROWS rows, 0 until a GPU run shows it is faster.
+`python -m quantization.kernel_sass`); config FACTORED=True selects it and gemm_tiles.py sweeps both. Timed, it lost:
+the Llama-2-7B shape decoded at 7.61 ms/token through it at one row on an H100 (2026-12-07, gpu_bench.py's
+"factored" config), where tinygemm takes 3.2, so block_config leaves it off (FACTORED_MAX_ROWS = 0).
 
 Block sizes come from a small table by row count, not from autotuning: a serving engine captures CUDA graphs, and
 timing configs during a capture is trouble. At one row linear.py uses triton_gemv.py's kernel instead.
@@ -219,8 +220,8 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 # Many rows: tall x tiles and wide channel tiles, so each unpacked weight tile serves more rows (the unpacking, not
 # the dot, is what grows with M / BLOCK_M).
 TILES = ((16, 16, 64, 256, 4, 4), (32, 32, 64, 256, 4, 4), (64, 64, 128, 256, 8, 4), (None, 128, 128, 256, 8, 2))
-# Up to this many rows the table picks the factored kernel (scale and zero out of the inner loop). 0 until it has
-# been timed against the plain kernel and tinygemm on a GPU (gpu_bench.py's "factored" configs set it to 16).
+# Up to this many rows the table picks the factored kernel (scale and zero out of the inner loop): none, since it
+# was timed slower (above); gpu_bench.py's "factored" configs set it to 16.
 FACTORED_MAX_ROWS = 0
 
 

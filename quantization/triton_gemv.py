@@ -13,8 +13,9 @@ float32:
   would cost as much as reading the weights: OR-ing a code c sitting at bit 4i into the bits of the float 2^23
   gives the float 2^23 + c * 16^i exactly (one AND-OR instruction), minus 2^23 is c * 16^i, and the 16^-i goes into
   x instead (exact: a power of two). Codes above bit 16 are shifted down first, once per word;
-- INT4: y[n] = sum_g s[n, g] (sum_{k in g} q[n, k] x[k] - z[n, g] sum_{k in g} x[k]); INT8: y[n] = s[n] sum_k q x
-  (q + 128 unsigned: the same trick, with 128 sum x taken off).
+- INT4: y[n] = sum_g s[n, g] (sum_{k in g} q[n, k] x[k] - z[n, g] sum_{k in g} x[k]): a tile holds whole groups,
+  so each group's scale and zero are read and applied once, to its two sums (groups of 8 to 2048 inputs, powers
+  of two); INT8: y[n] = s[n] sum_k q x (q + 128 unsigned: the same trick, with 128 sum x taken off).
 
 They are for a few rows (decode): the modules in linear.py send more rows elsewhere. Checked against the float
 reference in tests/test_quantization_triton.py (Triton's CPU interpreter) and on a GPU by quantization/gpu_bench.py's
@@ -38,11 +39,13 @@ def _as_float(word, mask: tl.constexpr):
 @triton.jit
 def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, W, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_W: tl.constexpr):
+    WORDS_PER_GROUP: tl.constexpr = GROUP // 8
+    BLOCK_G: tl.constexpr = BLOCK_W // WORDS_PER_GROUP  # whole groups per tile: a tile starts on a group boundary
     row = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     groups = K // GROUP
-    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     j = tl.arange(0, BLOCK_W)
     words = tl.load(w_ptr + n[:, None] * W + j[None, :], mask=n_ok[:, None] & (j < W)[None, :], other=0)
     for w0 in range(0, W, BLOCK_W):
@@ -62,8 +65,11 @@ def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, W, GROUP: tl.constexpr
             dot += (_as_float(words, 0xF << (4 * i)) - TWO_23) * (x_lo * unit)[None, :]
             dot += (_as_float(high, 0xF << (4 * i)) - TWO_23) * (x_hi * unit)[None, :]
             unit *= 0.0625
-        g = (8 * j) // GROUP  # a word never straddles two groups (GROUP is a multiple of 8)
-        ok = n_ok[:, None] & j_ok[None, :]
+        # Per group: sum q x and sum x, then its scale and zero once (not once per word).
+        dot = tl.sum(tl.reshape(dot, (BLOCK_N, BLOCK_G, WORDS_PER_GROUP)), axis=2)
+        x_sum = tl.sum(tl.reshape(x_sum, (BLOCK_G, WORDS_PER_GROUP)), axis=1)
+        g = w0 // WORDS_PER_GROUP + tl.arange(0, BLOCK_G)
+        ok = n_ok[:, None] & (g < groups)[None, :]
         s = tl.load(s_ptr + n[:, None] * groups + g[None, :], mask=ok, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + n[:, None] * groups + g[None, :], mask=ok, other=0).to(tl.int32)
         acc += s * (dot - (_as_float(z, 0xFF) - TWO_23) * x_sum[None, :])
@@ -108,8 +114,20 @@ def _int8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, W, BLOCK_N: tl.constexpr, BLO
 CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps)
            for n, w, warps in ((8, 128, 4), (8, 256, 4), (16, 64, 4), (16, 128, 4), (16, 256, 8), (32, 128, 8),
                                (32, 256, 8), (64, 128, 8))]
+
+
+def _whole_groups(configs, named_args, **kwargs):
+    return [c for c in configs if c.kwargs["BLOCK_W"] * 8 >= named_args["GROUP"]]
+
+
 _int8_tuned = triton.autotune(configs=CONFIGS, key=["N", "K"])(_int8_kernel)
-_int4_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "GROUP"])(_int4_kernel)
+_int4_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "GROUP"],
+                              prune_configs_by={"early_config_prune": _whole_groups})(_int4_kernel)
+MAX_GROUP = 8 * max(c.kwargs["BLOCK_W"] for c in CONFIGS)
+
+
+def int4_matvec_takes(group_size: int) -> bool:
+    return 8 <= group_size <= MAX_GROUP and group_size & (group_size - 1) == 0
 
 
 def _launch(tuned, plain, x: torch.Tensor, N: int, M: int, *args, **plain_config) -> None:
@@ -141,9 +159,10 @@ def int4_matvec(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     """x [M, K] (a few rows), qweight uint8 [N, K/2] (low nibble first), scales [N, G], zeros uint8 [N, G]."""
     M, K = x.shape
     N = qweight.shape[0]
-    if group_size % 8:
-        raise ValueError(f"the Triton INT4 kernel takes group sizes that are multiples of 8 (got {group_size})")
+    if not int4_matvec_takes(group_size):
+        raise ValueError(f"the Triton INT4 matrix-vector kernel takes group sizes that are powers of two from 8 to "
+                         f"{MAX_GROUP} (got {group_size})")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     _launch(_int4_tuned, _int4_kernel, x, N, M, x.contiguous(), _words(qweight, 8), scales, zeros, y, N, K, K // 8,
-            group_size, BLOCK_N=16, BLOCK_W=16)
+            group_size, BLOCK_N=16, BLOCK_W=max(16, group_size // 8))
     return y

@@ -18,7 +18,7 @@ def check_kernels() -> None:
         q8 = Int8Linear.from_linear(linear)
         expected = x @ q8.dequantized_weight().T
         torch.testing.assert_close(int8_matvec(x, q8.qweight, q8.scales), expected, rtol=1e-4, atol=1e-4)
-        for group_size, symmetric in [(64, False), (32, True)]:
+        for group_size, symmetric in [(64, False), (32, True)] + [(128, False)] * (k % 128 == 0):
             q4 = Int4Linear.from_linear(linear, group_size, symmetric)
             expected = x @ q4.dequantized_weight().T
             got = int4_matvec(x, q4.qweight, q4.scales, q4.zeros, group_size)
@@ -26,6 +26,8 @@ def check_kernels() -> None:
     # A wrong nibble order or group index is far outside these bounds: swap the nibbles and it must fail.
     swapped = (q4.qweight >> 4) | ((q4.qweight & 0xF) << 4)
     assert not torch.allclose(int4_matvec(x, swapped, q4.scales, q4.zeros, 32), expected, atol=1e-2)
+    with pytest.raises(ValueError, match="powers of two"):  # a tile must hold whole groups
+        int4_matvec(x, q4.qweight, q4.scales, q4.zeros, 40)
 
 
 def test_triton_matvec_kernels_match_dequantized_reference_interpreted():

@@ -283,6 +283,13 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     run quant_7b_bf16 190 python -m quantization.gpu_bench --model llama2-7b \
       --configs bf16:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_bf16.json"
     ;;
+  a18)  # Llama-2-70B INT4 at batch 1 through triton_gemv.py's kernel, and tinygemm's, on one GPU
+    export TRITON_CACHE_AUTOTUNING=1
+    run quant_70b_gemv 300 python -m quantization.gpu_bench --model llama2-70b --int4-head \
+      --configs int4:triton:compile:fused --max-tokens 32 --repeats 2 --out "$OUT/quant_gpu_70b_gemv.json"
+    run quant_70b_tinygemm 280 python -m quantization.gpu_bench --model llama2-70b --int4-head \
+      --configs int4:torch:compile:fused --max-tokens 32 --repeats 2 --out "$OUT/quant_gpu_70b_tinygemm.json"
+    ;;
   a15)  # the factored kernel's tiles against the plain kernel's, one row, 7B and 70B projections
     run gemm_tiles_factored 500 python -m quantization.gemm_tiles --rows 1 --repeats 10 --top 3 \
       --shapes o,qkv,gate_up,down,70b_o,70b_qkv,70b_gate_up,70b_down --out "$OUT/gemm_tiles_factored.json"
