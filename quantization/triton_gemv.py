@@ -37,6 +37,12 @@ def _as_float(word, mask: tl.constexpr):
 
 
 @triton.jit
+def _tile(w_ptr, n, n_ok, W, j):
+    """Words j of rows n (zeros past either end): [BLOCK_N, BLOCK_W]."""
+    return tl.load(w_ptr + n[:, None] * W + j[None, :], mask=n_ok[:, None] & (j < W)[None, :], other=0)
+
+
+@triton.jit
 def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, W, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_W: tl.constexpr):
     WORDS_PER_GROUP: tl.constexpr = GROUP // 8
@@ -46,14 +52,11 @@ def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, W, GROUP: tl.constexpr
     n_ok = n < N
     groups = K // GROUP
     acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
-    j = tl.arange(0, BLOCK_W)
-    words = tl.load(w_ptr + n[:, None] * W + j[None, :], mask=n_ok[:, None] & (j < W)[None, :], other=0)
+    words = _tile(w_ptr, n, n_ok, W, tl.arange(0, BLOCK_W))
     for w0 in range(0, W, BLOCK_W):
         j = w0 + tl.arange(0, BLOCK_W)
         j_ok = j < W
-        ahead = j + BLOCK_W
-        following = tl.load(w_ptr + n[:, None] * W + ahead[None, :], mask=n_ok[:, None] & (ahead < W)[None, :],
-                            other=0)
+        following = _tile(w_ptr, n, n_ok, W, j + BLOCK_W)  # in flight while this tile is computed on
         high = words >> 16  # codes 4-7 of each word, where the float trick reaches them
         dot = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_W,), dtype=tl.float32)
@@ -84,14 +87,11 @@ def _int8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, W, BLOCK_N: tl.constexpr, BLO
     n_ok = n < N
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
     x_sum = tl.zeros((BLOCK_W,), dtype=tl.float32)
-    j = tl.arange(0, BLOCK_W)
-    words = tl.load(w_ptr + n[:, None] * W + j[None, :], mask=n_ok[:, None] & (j < W)[None, :], other=0)
+    words = _tile(w_ptr, n, n_ok, W, tl.arange(0, BLOCK_W))
     for w0 in range(0, W, BLOCK_W):
         j = w0 + tl.arange(0, BLOCK_W)
         j_ok = j < W
-        ahead = j + BLOCK_W
-        following = tl.load(w_ptr + n[:, None] * W + ahead[None, :], mask=n_ok[:, None] & (ahead < W)[None, :],
-                            other=0)
+        following = _tile(w_ptr, n, n_ok, W, j + BLOCK_W)  # in flight while this tile is computed on
         biased = words ^ -0x7F7F7F80  # XOR 0x80 in every byte: q + 128, from 0 to 255
         high = biased >> 16
         unit = 1.0  # 256^-i
