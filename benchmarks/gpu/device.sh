@@ -267,21 +267,20 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --out "$OUT/quant_gpu_70b_fused.json"
     ;;
   a16)  # triton_gemv.py's word-wide kernels (codes made floats by bit tricks, the next K tile loaded before this one's
-        # math): each projection at one row against tinygemm and BF16, their GPU tests, then the 7B decode with them
+        # math): each projection at one row against tinygemm and BF16, their GPU tests, then the 7B INT4 decode
     export TRITON_CACHE_AUTOTUNING=1  # gemm_bench's tuning is reused by gpu_bench: the same shapes and configs
     run gemv_bench 150 python -m quantization.gemm_bench --rows 1,4 --backends bf16,torch,triton,int8 \
       --out "$OUT/gemv_bench.json"
     run gpu_tests_gemv 45 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
     run quant_7b_gemv_int4 190 python -m quantization.gpu_bench --model llama2-7b --int4-head \
       --configs int4:triton:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_gemv_int4.json"
+    ;;
+  a17)  # a16's INT8 decode, and its baseline on the same machine: tinygemm, compiled, q|k|v and gate|up fused
+    export TRITON_CACHE_AUTOTUNING=1
     run quant_7b_gemv_int8 190 python -m quantization.gpu_bench --model llama2-7b \
       --configs int8:triton:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_gemv_int8.json"
-    ;;
-  a17)  # a16's baselines on the same machine: tinygemm and BF16, compiled, q|k|v and gate|up fused
     run quant_7b_tinygemm 190 python -m quantization.gpu_bench --model llama2-7b --int4-head \
       --configs int4:torch:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_tinygemm.json"
-    run quant_7b_bf16 190 python -m quantization.gpu_bench --model llama2-7b \
-      --configs bf16:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_bf16.json"
     ;;
   a18)  # Llama-2-70B INT4 at batch 1 through triton_gemv.py's kernel, and tinygemm's, on one GPU
     export TRITON_CACHE_AUTOTUNING=1
