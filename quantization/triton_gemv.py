@@ -114,16 +114,10 @@ def _int8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, W, BLOCK_N: tl.constexpr, BLO
 CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps)
            for n, w, warps in ((8, 128, 4), (8, 256, 4), (16, 64, 4), (16, 128, 4), (16, 256, 8), (32, 128, 8),
                                (32, 256, 8), (64, 128, 8))]
-
-
-def _whole_groups(configs, named_args, **kwargs):
-    return [c for c in configs if c.kwargs["BLOCK_W"] * 8 >= named_args["GROUP"]]
-
-
 _int8_tuned = triton.autotune(configs=CONFIGS, key=["N", "K"])(_int8_kernel)
-_int4_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "GROUP"],
-                              prune_configs_by={"early_config_prune": _whole_groups})(_int4_kernel)
-MAX_GROUP = 8 * max(c.kwargs["BLOCK_W"] for c in CONFIGS)
+_int4_tuned = triton.autotune(configs=CONFIGS, key=["N", "K", "GROUP"])(_int4_kernel)
+# Every config's tile holds whole groups up to this size (no pruning of configs: torch.compile failed on it).
+MAX_GROUP = 8 * min(c.kwargs["BLOCK_W"] for c in CONFIGS)
 
 
 def int4_matvec_takes(group_size: int) -> bool:
