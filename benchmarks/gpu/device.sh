@@ -53,6 +53,10 @@
 # The next session (2026-12-07 03:13-04:50) tried the same a14 about fifteen times (nvidia-h200 and nvidia-h100-x1);
 # no machine started. With less budget left, the 7B half of a14 alone: `bash benchmarks/gpu/device.sh stage`, then
 # its pytest and quant_7b_fused lines (carry .device-kit/smollm2-tok only).
+# A machine came at 07:01 that day: 1 smollm2-tok smollm2-aa wheels -> a14 (the 7B factored row, the rest cut by
+# its limits); 2 smollm2-ab -> stage; 3 smollm2-ac medusa_prompts.json -> m9; 4 -> m7; 5 -> m10. The session of
+# 2026-12-07 11:12-14:10 got one machine in about fifteen tries (12:52): a16 (carry smollm2-tok), whose 7B decode
+# failed under torch.compile (fixed since, not rerun). Next: a16's last line, a17, a18.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
