@@ -14,7 +14,7 @@ float32:
   gives the float 2^23 + c * 16^i exactly (one AND-OR instruction), minus 2^23 is c * 16^i, and the 16^-i goes into
   x instead (exact: a power of two). Codes above bit 16 are shifted down first, once per word;
 - INT4: y[n] = sum_g s[n, g] (sum_{k in g} q[n, k] x[k] - z[n, g] sum_{k in g} x[k]): a tile holds whole groups,
-  so each group's scale and zero are read and applied once, to its two sums (groups of 8 to 2048 inputs, powers
+  so each group's scale and zero are read and applied once, to its two sums (groups of 8 to 512 inputs, powers
   of two); INT8: y[n] = s[n] sum_k q x (q + 128 unsigned: the same trick, with 128 sum x taken off).
 
 They are for a few rows (decode): the modules in linear.py send more rows elsewhere. Checked against the float
