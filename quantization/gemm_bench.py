@@ -57,8 +57,12 @@ def forward(layer: torch.nn.Linear, q: Int4Linear, backend: str, x: torch.Tensor
 
 
 def quantized_bytes(q: Int4Linear, backend: str, q8: Int8Linear) -> int:
-    tensors = q._kernel if backend == "torch" else (q8.qweight, q8.scales) if backend == "int8" else (
-        q.qweight, q.scales, q.zeros)
+    if backend == "torch":
+        tensors = q._kernel
+    elif backend == "int8":
+        tensors = (q8.qweight, q8.scales)
+    else:
+        tensors = (q.qweight, q.scales, q.zeros)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
