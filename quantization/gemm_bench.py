@@ -1,7 +1,8 @@
 """One projection y = layer(x) on a GPU: BF16 against our INT4 backends (and INT8's), from 1 to 1024 rows.
 
 A served INT4 model is only faster than BF16 if each projection is, at the row counts continuous batching produces
-(16-256 per decode step, thousands in a prefill). For the Llama-2-7B shapes this times, in bfloat16:
+(16-256 per decode step, thousands in a prefill). For the Llama-2-7B shapes (and, with --shapes, 70B's) this times,
+in bfloat16:
 - bf16: nn.Linear (cuBLAS), reading 2 bytes per weight;
 - torch: Int4Linear g128 with PyTorch's tinygemm (`_weight_int4pack_mm`);
 - triton: Int4Linear's "triton" backend (our matrix-vector kernel for one row, our tensor-core GEMM, triton_gemm.py,
@@ -29,11 +30,13 @@ import torch
 
 from core.errors import UserError, cli
 from core.measure import graph_replay_us
-from quantization.linear import Int4Linear, Int8Linear
+from quantization.linear import MATVEC_MAX_ROWS, Int4Linear, Int8Linear
 
 # name: (N, K); q|k|v and gate|up fused, as our engine and gpu_bench's "fused" configs serve them
-SHAPES = {"q/o proj": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008), "qkv": (12288, 4096),
-          "gate|up": (22016, 4096)}
+SHAPES_7B = {"q/o proj": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008), "qkv": (12288, 4096),
+             "gate|up": (22016, 4096)}
+SHAPES = {**SHAPES_7B, "70b_qkv": (10240, 8192), "70b_o": (8192, 8192), "70b_gate|up": (57344, 8192),
+          "70b_down": (8192, 28672)}  # Llama-2-70B's (grouped-query attention: 8 key-value heads)
 ROWS = (1, 8, 16, 32, 64, 128, 256, 512, 1024)
 BACKENDS = ("bf16", "torch", "triton", "gemm", "tdequant", "dequant", "int8")
 
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m quantization.gemm_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated row counts M")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--shapes", default=",".join(SHAPES_7B), help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, of {', '.join(BACKENDS)}")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=10)
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"unknown backends {sorted(set(backends) - set(BACKENDS))} (choose from {', '.join(BACKENDS)})")
     rows_list = [int(r) for r in args.rows.split(",")]
     import triton
+
+    from quantization.triton_gemv import split_counters
     device_name = torch.cuda.get_device_name()
     result = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
               "group_size": args.group_size, "note": "random weights: speed only", "errors": {}, "rows": []}
@@ -116,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         layer = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
         torch.nn.init.normal_(layer.weight, 0.0, 0.02)
         q, q8 = Int4Linear.from_linear(layer, args.group_size), Int8Linear.from_linear(layer)
+        q.split_counters = q8.split_counters = split_counters(MATVEC_MAX_ROWS, N, "cuda")  # as set_backend gives
         result["errors"][name] = errors = max_errors(layer, q, q8)
         print(f"{name} (N={N}, K={K}) max error vs BF16 x @ W_deq^T: "
               + ", ".join(f"{b} {e:.1e}" for b, e in errors.items()), flush=True)
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.out.write_text(json.dumps(result, indent=2))
         torch.cuda.empty_cache()
 
-    print(f"\nLlama-2-7B projections [RANDOM weights, speed only], bfloat16, INT4 group {args.group_size}, "
+    print(f"\nLlama-2 projections [RANDOM weights, speed only], bfloat16, INT4 group {args.group_size}, "
           f"{device_name}, torch {torch.__version__}, triton {triton.__version__}; per backend: "
           "us / TFLOP/s / weight GB/s")
     head = f"{'shape':<10}{'M':>6}" + "".join(f"{b:>26}" for b in backends)

@@ -45,6 +45,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("split_counters", None, persistent=False)  # set_backend("triton") shares one buffer
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -66,7 +67,8 @@ class Int8Linear(nn.Module):
             y = y.reshape(*x.shape[:-1], -1)
         elif self.backend == "triton" and use_matvec_kernel(x):
             from quantization.triton_gemv import int8_matvec
-            y = int8_matvec(x.reshape(-1, x.shape[-1]), self.qweight, self.scales).reshape(*x.shape[:-1], -1)
+            y = int8_matvec(x.reshape(-1, x.shape[-1]), self.qweight, self.scales, self.split_counters)
+            y = y.reshape(*x.shape[:-1], -1)
         else:
             # Scaling the output instead of the weight: N multiplies per token rather than N*K.
             y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
@@ -88,6 +90,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("zeros", torch.full((out_features, groups), 8, dtype=torch.uint8, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("split_counters", None, persistent=False)  # set_backend("triton") shares one buffer
         self._kernel = None  # (packed weight, scales_and_zeros) in the torch kernel's layout, built on first use
 
     @classmethod
@@ -148,7 +151,7 @@ class Int4Linear(nn.Module):
                 w = int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, x.dtype)
                 y = F.linear(x2, w)
             elif len(x2) == 1 and not triton_gemm.FACTORED_MAX_ROWS and int4_matvec_takes(self.group_size):
-                y = int4_matvec(x2, self.qweight, self.scales, self.zeros, self.group_size)
+                y = int4_matvec(x2, self.qweight, self.scales, self.zeros, self.group_size, self.split_counters)
             else:
                 # Past one row the GEMM wins: on an H100 it took 19-36 us at 8 rows where the matrix-vector kernel,
                 # which reads the weights once per row, took 92-240 (quantization/results/h100/gemm_bench.json).
@@ -248,17 +251,23 @@ def pick_group_size(model: nn.Module, requested: int) -> int:
 
 
 def set_backend(model: nn.Module, backend: str) -> None:
+    """Switch every quantized module to `backend`. For "triton" on a GPU, the matrix-vector kernels' split-K counters
+    (triton_gemv.split_counters): one zeroed buffer for all the modules, each launch leaves it zero for the next."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} ({', '.join(BACKENDS)})")
-    for m in model.modules():
-        if isinstance(m, QUANTIZED):
-            m.backend = backend
+    modules = [m for m in model.modules() if isinstance(m, QUANTIZED)]
+    counters = None
+    if backend == "triton" and modules and modules[0].scales.is_cuda:
+        from quantization.triton_gemv import split_counters
+        counters = split_counters(MATVEC_MAX_ROWS, max(m.out_features for m in modules), modules[0].scales.device)
+    for m in modules:
+        m.backend, m.split_counters = backend, counters
 
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer, each storage counted once (tied embeddings), kernel copies included."""
     seen, total = set(), 0
-    tensors = list(model.parameters()) + list(model.buffers())
+    tensors = list(model.parameters()) + [b for name, b in model.named_buffers() if not name.endswith("split_counters")]
     tensors += [t for m in model.modules() if isinstance(m, Int4Linear) and m._kernel for t in m._kernel]
     for t in tensors:
         key = (t.untyped_storage().data_ptr(), t.device)

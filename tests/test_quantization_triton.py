@@ -6,28 +6,36 @@ import pytest
 import torch
 from triton_interpreter import run_interpreted
 
-from quantization.linear import Int4Linear, Int8Linear
+from quantization.linear import Int4Linear, Int8Linear, set_backend
 
 
 def check_kernels() -> None:
-    from quantization.triton_gemv import int4_matvec, int8_matvec
+    from quantization.triton_gemv import int4_matvec, int8_matvec, split_counters
     torch.manual_seed(0)
     for n, k, rows in [(40, 256, 1), (24, 320, 3)]:  # N not a multiple of the channel block; K not of BLOCK_K
         linear = torch.nn.Linear(k, n, bias=False)
         x = torch.randn(rows, k)
+        counters = split_counters(rows, n, "cpu")
         q8 = Int8Linear.from_linear(linear)
         expected = x @ q8.dequantized_weight().T
-        torch.testing.assert_close(int8_matvec(x, q8.qweight, q8.scales), expected, rtol=1e-4, atol=1e-4)
+        for split in (1, 3):  # split-K: 3 programs share each row's tiles (the last one gets fewer), then one adds up
+            got = int8_matvec(x, q8.qweight, q8.scales, counters, {"BLOCK_N": 16, "BLOCK_W": 16, "SPLIT": split})
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         for group_size, symmetric in [(64, False), (32, True)] + [(128, False)] * (k % 128 == 0):
             q4 = Int4Linear.from_linear(linear, group_size, symmetric)
             expected = x @ q4.dequantized_weight().T
-            got = int4_matvec(x, q4.qweight, q4.scales, q4.zeros, group_size)
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+            for split in (1, 3):
+                config = {"BLOCK_N": 16, "BLOCK_W": group_size // 8, "SPLIT": split}
+                got = int4_matvec(x, q4.qweight, q4.scales, q4.zeros, group_size, counters, config)
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        assert not counters.any()  # every launch leaves the split counters zero for the next one
     # A wrong nibble order or group index is far outside these bounds: swap the nibbles and it must fail.
     swapped = (q4.qweight >> 4) | ((q4.qweight & 0xF) << 4)
     assert not torch.allclose(int4_matvec(x, swapped, q4.scales, q4.zeros, 32), expected, atol=1e-2)
     with pytest.raises(ValueError, match="powers of two"):  # a tile must hold whole groups
         int4_matvec(x, q4.qweight, q4.scales, q4.zeros, 40)
+    with pytest.raises(ValueError, match="too few"):
+        int4_matvec(x, q4.qweight, q4.scales, q4.zeros, 32, split_counters(1, 8, "cpu"))
 
 
 def test_triton_matvec_kernels_match_dequantized_reference_interpreted():
@@ -43,8 +51,29 @@ def test_triton_backend_matches_dequant_on_gpu():
     x = torch.randn(2, 1, 512, device="cuda", dtype=torch.bfloat16)
     for module in (Int8Linear.from_linear(linear), Int4Linear.from_linear(linear, 128)):
         expected = module(x)  # the dequant backend
-        module.backend = "triton"
+        set_backend(module, "triton")
         torch.testing.assert_close(module(x), expected, rtol=2e-2, atol=2e-2)
+        assert not module.split_counters.any()
+
+
+@pytest.mark.gpu
+def test_triton_matvec_every_config_on_gpu():
+    """Every split with one tile, every tile unsplit, against the float reference on a GPU (the tuner picks one)."""
+    from quantization.triton_gemv import CONFIGS, int4_matvec, int8_matvec, split_counters
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(2048, 200, bias=False).cuda()
+    x = torch.randn(1, 2048, device="cuda")
+    q8, q4 = Int8Linear.from_linear(linear), Int4Linear.from_linear(linear, 128)
+    counters = split_counters(1, 200, "cuda")
+    for c in CONFIGS:
+        if c.kwargs["SPLIT"] > 1 and (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_W"]) != (16, 128):
+            continue
+        config = {**c.kwargs, "num_warps": c.num_warps}
+        got8 = int8_matvec(x, q8.qweight, q8.scales, counters, config)
+        torch.testing.assert_close(got8, x @ q8.dequantized_weight().T, rtol=1e-4, atol=1e-4, msg=str(c))
+        got4 = int4_matvec(x, q4.qweight, q4.scales, q4.zeros, 128, counters, config)
+        torch.testing.assert_close(got4, x @ q4.dequantized_weight().T, rtol=1e-4, atol=1e-4, msg=str(c))
+    assert not counters.any()
 
 
 GEMM_SHAPES = [(64, 128, 32), (96, 256, 128), (40, 192, 64)]  # (N, K, group): N not a multiple of BLOCK_N

@@ -56,7 +56,8 @@
 # A machine came at 07:01 that day: 1 smollm2-tok smollm2-aa wheels -> a14 (the 7B factored row, the rest cut by
 # its limits); 2 smollm2-ab -> stage; 3 smollm2-ac medusa_prompts.json -> m9; 4 -> m7; 5 -> m10. The session of
 # 2026-12-07 11:12-14:10 got one machine in about fifteen tries (12:52): a16 (carry smollm2-tok), whose 7B decode
-# failed under torch.compile (fixed since, not rerun). Next: a16's last line, a17, a18.
+# failed under torch.compile (fixed since, not rerun). Next: a16's last line, a17, a18. The session of 2026-12-07
+# 14:02-17:00 added split-K and the one-plus float trick to triton_gemv.py: a19 (carry smollm2-tok), then a17, a18.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -269,6 +270,15 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     run quant_70b_fused 190 python -m quantization.gpu_bench --model llama2-70b --int4-head \
       --configs int4:triton:compile:fused:factored,int4:torch:compile:fused --max-tokens 32 --repeats 2 \
       --out "$OUT/quant_gpu_70b_fused.json"
+    ;;
+  a19)  # triton_gemv.py with split-K and codes made floats against 1.0 (no subtraction per weight): each projection
+        # of 7B and 70B at one row against tinygemm and BF16, the GPU tests, then the 7B INT4 decode through it
+    export TRITON_CACHE_AUTOTUNING=1
+    run gemv_bench_split 260 python -m quantization.gemm_bench --rows 1 --backends bf16,torch,triton,int8 \
+      --shapes "q/o proj,gate/up,down,qkv,gate|up,70b_qkv,70b_o,70b_gate|up,70b_down" --out "$OUT/gemv_bench_split.json"
+    run gpu_tests_gemv 120 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
+    run quant_7b_gemv_int4 200 python -m quantization.gpu_bench --model llama2-7b --int4-head \
+      --configs int4:triton:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_gemv_int4.json"
     ;;
   a16)  # triton_gemv.py's word-wide kernels (codes made floats by bit tricks, the next K tile loaded before this one's
         # math): each projection at one row against tinygemm and BF16, their GPU tests, then the 7B INT4 decode
