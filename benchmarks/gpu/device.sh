@@ -277,8 +277,9 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     run gemv_bench_split 260 python -m quantization.gemm_bench --rows 1 --backends bf16,torch,triton,int8 \
       --shapes "q/o proj,gate/up,down,qkv,gate|up,70b_qkv,70b_o,70b_gate|up,70b_down" --out "$OUT/gemv_bench_split.json"
     run gpu_tests_gemv 120 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
-    run quant_7b_gemv_int4 200 python -m quantization.gpu_bench --model llama2-7b --int4-head \
-      --configs int4:triton:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_gemv_int4.json"
+    run quant_7b_gemv_int4 280 python -m quantization.gpu_bench --model llama2-7b --int4-head \
+      --configs int4:triton:compile:fused,int4:triton:fused --max-tokens 64 --repeats 2 \
+      --out "$OUT/quant_gpu_7b_gemv_int4.json"
     ;;
   a16)  # triton_gemv.py's word-wide kernels (codes made floats by bit tricks, the next K tile loaded before this one's
         # math): each projection at one row against tinygemm and BF16, their GPU tests, then the 7B INT4 decode
