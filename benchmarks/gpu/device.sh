@@ -281,6 +281,13 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --configs int4:triton:compile:fused,int4:triton:fused --max-tokens 64 --repeats 2 \
       --out "$OUT/quant_gpu_7b_gemv_int4.json"
     ;;
+  a20)  # a19's 7B decode (cut at 280 s with nothing in its log: block-buffered output): unbuffered, the kernels in a
+        # CUDA graph first, tinygemm's baseline on the same machine, then both kernels under torch.compile
+    export TRITON_CACHE_AUTOTUNING=1
+    run quant_7b_gemv_int4 560 python -u -m quantization.gpu_bench --model llama2-7b --int4-head \
+      --configs int4:triton:fused,int4:torch:compile:fused,int4:triton:compile:fused --max-tokens 64 --repeats 2 \
+      --out "$OUT/quant_gpu_7b_gemv_int4.json"
+    ;;
   a16)  # triton_gemv.py's word-wide kernels (codes made floats by bit tricks, the next K tile loaded before this one's
         # math): each projection at one row against tinygemm and BF16, their GPU tests, then the 7B INT4 decode
     export TRITON_CACHE_AUTOTUNING=1  # gemm_bench's tuning is reused by gpu_bench: the same shapes and configs
