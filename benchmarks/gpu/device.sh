@@ -288,6 +288,14 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --configs int4:triton:fused,int4:torch:compile:fused,int4:triton:compile:fused --max-tokens 64 --repeats 2 \
       --out "$OUT/quant_gpu_7b_gemv_int4.json"
     ;;
+  a21)  # a20's compiled 7B decode with the split counters passed by address (torch.compile copied the buffer it saw
+        # mutated before every call), then Llama-2-70B INT4 through the same kernels
+    export TRITON_CACHE_AUTOTUNING=1
+    run quant_7b_gemv_int4 200 python -u -m quantization.gpu_bench --model llama2-7b --int4-head \
+      --configs int4:triton:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_gemv_int4_addr.json"
+    run quant_70b_gemv 340 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
+      --configs int4:triton:compile:fused --max-tokens 32 --repeats 2 --out "$OUT/quant_gpu_70b_gemv.json"
+    ;;
   a16)  # triton_gemv.py's word-wide kernels (codes made floats by bit tricks, the next K tile loaded before this one's
         # math): each projection at one row against tinygemm and BF16, their GPU tests, then the 7B INT4 decode
     export TRITON_CACHE_AUTOTUNING=1  # gemm_bench's tuning is reused by gpu_bench: the same shapes and configs
