@@ -57,7 +57,7 @@ def compile_sass(kernel: str, block_n: int, block_k: int, warps: int, stages: in
     from quantization import triton_gemm, triton_gemv
     if kernel.startswith("gemv"):
         fn = triton_gemv._int4_kernel if kernel == "gemv4" else triton_gemv._int8_kernel
-        signature = {**ARGS, "w_ptr": "*i32", "W": "i32", "part_ptr": "*fp32", "count_addr": "i64"}
+        signature = {**ARGS, "w_ptr": "*i32", "W": "i32", "part_ptr": "*fp32", "count_ptr": "*i32"}
         constants = {"GROUP": 128, "BLOCK_N": block_n, "BLOCK_W": block_k, "SPLIT": 4}
     else:
         fn = triton_gemm._int4_gemm_factored_kernel if kernel == "factored" else triton_gemm._int4_gemm_kernel
@@ -68,7 +68,7 @@ def compile_sass(kernel: str, block_n: int, block_k: int, warps: int, stages: in
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     signature.update({name: "constexpr" for name in constants})
     # Pointers 16-byte aligned and N, K multiples of 16, as Triton specializes them at a real launch.
-    aligned = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "part_ptr", "N", "K", "W")
+    aligned = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "part_ptr", "count_ptr", "N", "K", "W")
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned if a in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})

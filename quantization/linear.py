@@ -45,7 +45,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        self.split_counters = self.split_counters_addr = None  # set by set_backend("triton")
+        self.register_buffer("split_counters", None, persistent=False)  # set_backend("triton") shares one buffer
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -67,7 +67,7 @@ class Int8Linear(nn.Module):
             y = y.reshape(*x.shape[:-1], -1)
         elif self.backend == "triton" and use_matvec_kernel(x):
             from quantization.triton_gemv import int8_matvec
-            y = int8_matvec(x.reshape(-1, x.shape[-1]), self.qweight, self.scales, self.split_counters_addr)
+            y = int8_matvec(x.reshape(-1, x.shape[-1]), self.qweight, self.scales, self.split_counters)
             y = y.reshape(*x.shape[:-1], -1)
         else:
             # Scaling the output instead of the weight: N multiplies per token rather than N*K.
@@ -90,7 +90,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("zeros", torch.full((out_features, groups), 8, dtype=torch.uint8, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        self.split_counters = self.split_counters_addr = None  # set by set_backend("triton")
+        self.register_buffer("split_counters", None, persistent=False)  # set_backend("triton") shares one buffer
         self._kernel = None  # (packed weight, scales_and_zeros) in the torch kernel's layout, built on first use
 
     @classmethod
@@ -151,7 +151,7 @@ class Int4Linear(nn.Module):
                 w = int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, x.dtype)
                 y = F.linear(x2, w)
             elif len(x2) == 1 and not triton_gemm.FACTORED_MAX_ROWS and int4_matvec_takes(self.group_size):
-                y = int4_matvec(x2, self.qweight, self.scales, self.zeros, self.group_size, self.split_counters_addr)
+                y = int4_matvec(x2, self.qweight, self.scales, self.zeros, self.group_size, self.split_counters)
             else:
                 # Past one row the GEMM wins: on an H100 it took 19-36 us at 8 rows where the matrix-vector kernel,
                 # which reads the weights once per row, took 92-240 (quantization/results/h100/gemm_bench.json).
@@ -251,9 +251,8 @@ def pick_group_size(model: nn.Module, requested: int) -> int:
 
 
 def set_backend(model: nn.Module, backend: str) -> None:
-    """Switch every quantized module to `backend`. For "triton" on a GPU, also give them the matrix-vector kernels'
-    split-K counters (triton_gemv.split_counters): one zeroed buffer for all, which each launch leaves zero for the
-    next. It is not a registered buffer, and the kernels take its address: call this after moving the model."""
+    """Switch every quantized module to `backend`. For "triton" on a GPU, the matrix-vector kernels' split-K counters
+    (triton_gemv.split_counters): one zeroed buffer for all the modules, each launch leaves it zero for the next."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} ({', '.join(BACKENDS)})")
     modules = [m for m in model.modules() if isinstance(m, QUANTIZED)]
@@ -261,15 +260,14 @@ def set_backend(model: nn.Module, backend: str) -> None:
     if backend == "triton" and modules and modules[0].scales.is_cuda:
         from quantization.triton_gemv import split_counters
         counters = split_counters(MATVEC_MAX_ROWS, max(m.out_features for m in modules), modules[0].scales.device)
-    for m in modules:  # split_counters keeps the buffer alive; the kernels take its address (see triton_gemv._launch)
+    for m in modules:
         m.backend, m.split_counters = backend, counters
-        m.split_counters_addr = None if counters is None else counters.data_ptr()
 
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer, each storage counted once (tied embeddings), kernel copies included."""
     seen, total = set(), 0
-    tensors = list(model.parameters()) + list(model.buffers())
+    tensors = list(model.parameters()) + [b for name, b in model.named_buffers() if not name.endswith("split_counters")]
     tensors += [t for m in model.modules() if isinstance(m, Int4Linear) and m._kernel for t in m._kernel]
     for t in tensors:
         key = (t.untyped_storage().data_ptr(), t.device)

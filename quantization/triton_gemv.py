@@ -62,7 +62,7 @@ def _words_of(W, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _store(y_ptr, part_ptr, count_addr, partial, n, n_ok, N, SPLIT: tl.constexpr):
+def _store(y_ptr, part_ptr, count_ptr, partial, n, n_ok, N, SPLIT: tl.constexpr):
     """y[row, n] = partial summed over the SPLIT programs that share these channels, in split order (deterministic).
 
     Split-K: with SPLIT > 1, each program writes its partial sums to part[split, row, n] and takes a ticket from the
@@ -76,7 +76,7 @@ def _store(y_ptr, part_ptr, count_addr, partial, n, n_ok, N, SPLIT: tl.constexpr
         M = tl.num_programs(1)
         tl.store(part_ptr + (tl.program_id(2) * M + row) * N + n, partial, mask=n_ok)
         tl.debug_barrier()  # every thread's partial is written before the ticket is taken (release)
-        counter = count_addr.to(tl.pointer_type(tl.int32)) + row * tl.num_programs(0) + tl.program_id(0)
+        counter = count_ptr + row * tl.num_programs(0) + tl.program_id(0)
         ticket = tl.atomic_add(counter, 1, sem="acq_rel")
         mine = n_ok & (n * 0 + ticket == SPLIT - 1)  # the last program's channels (n * 0: a vector for the masks)
         total = tl.zeros_like(partial)
@@ -87,7 +87,7 @@ def _store(y_ptr, part_ptr, count_addr, partial, n, n_ok, N, SPLIT: tl.constexpr
 
 
 @triton.jit
-def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_addr, N, K, W, GROUP: tl.constexpr,
+def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N, K, W, GROUP: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr):
     WORDS_PER_GROUP: tl.constexpr = GROUP // 8
     BLOCK_G: tl.constexpr = BLOCK_W // WORDS_PER_GROUP  # whole groups per tile: a tile starts on a group boundary
@@ -127,11 +127,11 @@ def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_addr, N, K, 
         z = tl.load(z_ptr + n[:, None] * groups + g[None, :], mask=ok, other=0).to(tl.int32)
         acc += s * (dot - xs_sum[None, :] - (_as_float(z, 0xFF) - TWO_23) * x_sum[None, :])
         words = following
-    _store(y_ptr, part_ptr, count_addr, tl.sum(acc, axis=1), n, n_ok, N, SPLIT)
+    _store(y_ptr, part_ptr, count_ptr, tl.sum(acc, axis=1), n, n_ok, N, SPLIT)
 
 
 @triton.jit
-def _int8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_addr, N, K, W, BLOCK_N: tl.constexpr,
+def _int8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, K, W, BLOCK_N: tl.constexpr,
                  BLOCK_W: tl.constexpr, SPLIT: tl.constexpr):
     row = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -157,7 +157,7 @@ def _int8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_addr, N, K, W, BLOC
         words = following
     s = tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     y = (tl.sum(acc, axis=1) - tl.sum(xs_sum, axis=0) - 128.0 * tl.sum(x_sum, axis=0)) * s
-    _store(y_ptr, part_ptr, count_addr, y, n, n_ok, N, SPLIT)
+    _store(y_ptr, part_ptr, count_ptr, y, n, n_ok, N, SPLIT)
 
 
 # On a GPU the channels per program, the words per K tile, the warps and the K split are tuned once per weight shape
@@ -185,19 +185,14 @@ def split_counters(rows: int, channels: int, device) -> torch.Tensor:
     return torch.zeros(rows * channels, dtype=torch.int32, device=device)
 
 
-def _launch(tuned, plain, y: torch.Tensor, counters: torch.Tensor | int | None, config: dict | None, inputs: tuple,
+def _launch(tuned, plain, y: torch.Tensor, counters: torch.Tensor | None, config: dict | None, inputs: tuple,
             sizes: tuple, interpreted: dict) -> None:
-    """kernel(*inputs, y, parts, counters, *sizes) with `config`, or else tuned on a GPU and `interpreted` on a CPU.
-
-    The kernels take the counters by address: torch.compile then does not see a tensor that every call mutates (it
-    would copy the buffer before each call), and they leave it as they found it anyway."""
+    """kernel(*inputs, y, parts, counters, *sizes) with `config`, or else tuned on a GPU and `interpreted` on a CPU."""
     M, N = y.shape
     if counters is None:
         counters = split_counters(M, N, y.device)
-    if isinstance(counters, torch.Tensor):
-        if counters.numel() < M * N:  # one per channel block and row: enough for any BLOCK_N
-            raise ValueError(f"{counters.numel()} split counters are too few for {M} x {N} outputs")
-        counters = counters.data_ptr()
+    elif counters.numel() < M * N:  # one per channel block and row: enough for any BLOCK_N
+        raise ValueError(f"{counters.numel()} split counters are too few for {M} x {N} outputs")
     parts = torch.empty(max(SPLITS) * M * N, dtype=torch.float32, device=y.device)  # never read before written
     if config is None and y.is_cuda:
         tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT"])](*inputs, y, parts, counters, *sizes)
@@ -213,11 +208,10 @@ def _words(q: torch.Tensor, codes_per_word: int) -> torch.Tensor:
     return q.view(torch.int32)
 
 
-def int8_matvec(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                counters: torch.Tensor | int | None = None, config: dict | None = None) -> torch.Tensor:
+def int8_matvec(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, counters: torch.Tensor | None = None,
+                config: dict | None = None) -> torch.Tensor:
     """x [M, K] (a few rows), qweight int8 [N, K], scales [N] -> y [M, N] in x's dtype. counters: split_counters'
-    buffer or its data_ptr() (a zeroed one is made per call if not given; compiled callers pass the address);
-    config: a fixed {BLOCK_N, BLOCK_W, SPLIT} instead of the tuned one."""
+    (made, and zeroed, per call if not given); config: a fixed {BLOCK_N, BLOCK_W, SPLIT} instead of the tuned one."""
     M, K = x.shape
     y = torch.empty(M, qweight.shape[0], dtype=x.dtype, device=x.device)
     _launch(_int8_tuned, _int8_kernel, y, counters, config, (x.contiguous(), _words(qweight, 4), scales),
@@ -226,7 +220,7 @@ def int8_matvec(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 
 def int4_matvec(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group_size: int, counters: torch.Tensor | int | None = None, config: dict | None = None) -> torch.Tensor:
+                group_size: int, counters: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """x [M, K] (a few rows), qweight uint8 [N, K/2] (low nibble first), scales [N, G], zeros uint8 [N, G];
     counters and config as for int8_matvec."""
     M, K = x.shape

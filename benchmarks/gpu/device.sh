@@ -57,7 +57,9 @@
 # its limits); 2 smollm2-ab -> stage; 3 smollm2-ac medusa_prompts.json -> m9; 4 -> m7; 5 -> m10. The session of
 # 2026-12-07 11:12-14:10 got one machine in about fifteen tries (12:52): a16 (carry smollm2-tok), whose 7B decode
 # failed under torch.compile (fixed since, not rerun). Next: a16's last line, a17, a18. The session of 2026-12-07
-# 14:02-17:00 added split-K and the one-plus float trick to triton_gemv.py: a19 (carry smollm2-tok), then a17, a18.
+# 14:02-17:00 added split-K and the one-plus float trick to triton_gemv.py: a19 (14:40, carry smollm2-tok), a20
+# (14:47); a21 (15:07) ran with the counters passed by address, which Inductor rejected (reverted). Next: a21 as it
+# is now, a17, a18.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -288,8 +290,7 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --configs int4:triton:fused,int4:torch:compile:fused,int4:triton:compile:fused --max-tokens 64 --repeats 2 \
       --out "$OUT/quant_gpu_7b_gemv_int4.json"
     ;;
-  a21)  # a20's compiled 7B decode with the split counters passed by address (torch.compile copied the buffer it saw
-        # mutated before every call), then Llama-2-70B INT4 through the same kernels
+  a21)  # the compiled 7B decode through our INT4 kernel alone, then Llama-2-70B INT4 through the same kernels
     export TRITON_CACHE_AUTOTUNING=1
     run quant_7b_gemv_int4 200 python -u -m quantization.gpu_bench --model llama2-7b --int4-head \
       --configs int4:triton:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_gemv_int4_addr.json"
