@@ -251,8 +251,8 @@ def pick_group_size(model: nn.Module, requested: int) -> int:
 
 
 def set_backend(model: nn.Module, backend: str) -> None:
-    """Switch every quantized module to `backend`. For "triton" on a GPU, the matrix-vector kernels' split-K counters
-    (triton_gemv.split_counters): one zeroed buffer for all the modules, each launch leaves it zero for the next."""
+    """Switch every quantized module to `backend`. For "triton" on a GPU, also give them the matrix-vector kernels'
+    split-K counters (triton_gemv.split_counters): one zeroed buffer for all, which each launch leaves zero."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} ({', '.join(BACKENDS)})")
     modules = [m for m in model.modules() if isinstance(m, QUANTIZED)]
