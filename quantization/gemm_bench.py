@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     rows_list = [int(r) for r in args.rows.split(",")]
     import triton
 
-    from quantization.triton_gemv import split_counters
+    from quantization.triton_gemv import split_counters, tuned_configs
     device_name = torch.cuda.get_device_name()
     result = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
               "group_size": args.group_size, "note": "random weights: speed only", "errors": {}, "rows": []}
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
                 except Exception as e:  # a kernel missing in this torch build, a compiler failure: say so, go on
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 result["rows"].append(row)
+            result["matvec_tuned_configs"] = tuned_configs()
             if args.out:  # after every row count: a run cut short still leaves what it measured
                 args.out.write_text(json.dumps(result, indent=2))
         torch.cuda.empty_cache()

@@ -179,6 +179,14 @@ def int4_matvec_takes(group_size: int) -> bool:
     return 8 <= group_size <= MAX_GROUP and group_size & (group_size - 1) == 0
 
 
+def tuned_configs() -> dict[str, str]:
+    """The config the tuner picked for each kernel and key (N, K[, GROUP], dtypes) so far in this process: for the
+    benchmarks' records. A shape missing here was never tuned by Triton's autotuner (the interpreter, or a compiler
+    that launched the kernel its own way)."""
+    return {f"{name} {key}": str(config) for name, tuner in (("int4", _int4_tuned), ("int8", _int8_tuned))
+            for key, config in tuner.cache.items()}
+
+
 def split_counters(rows: int, channels: int, device) -> torch.Tensor:
     """The zeroed ticket counters split-K needs for up to `rows` x `channels` outputs. Every launch leaves them zero,
     so one buffer serves all the layers of a model (their kernels run one after another on a stream)."""
