@@ -293,7 +293,7 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
   a21)  # the compiled 7B decode through our INT4 kernel alone, then Llama-2-70B INT4 through the same kernels
     export TRITON_CACHE_AUTOTUNING=1
     run quant_7b_gemv_int4 200 python -u -m quantization.gpu_bench --model llama2-7b --int4-head \
-      --configs int4:triton:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_gemv_int4_addr.json"
+      --configs int4:triton:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_gemv_int4_compiled.json"
     run quant_70b_gemv 340 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
       --configs int4:triton:compile:fused --max-tokens 32 --repeats 2 --out "$OUT/quant_gpu_70b_gemv.json"
     ;;
