@@ -30,7 +30,7 @@ import torch
 
 from core.errors import UserError, cli
 from core.measure import graph_replay_us
-from quantization.linear import MATVEC_MAX_ROWS, Int4Linear, Int8Linear
+from quantization.linear import Int4Linear, Int8Linear, set_backend
 
 # name: (N, K); q|k|v and gate|up fused, as our engine and gpu_bench's "fused" configs serve them
 SHAPES_7B = {"q/o proj": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008), "qkv": (12288, 4096),
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     rows_list = [int(r) for r in args.rows.split(",")]
     import triton
 
-    from quantization.triton_gemv import split_counters, tuned_configs
+    from quantization.triton_gemv import tuned_configs
     device_name = torch.cuda.get_device_name()
     result = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
               "group_size": args.group_size, "note": "random weights: speed only", "errors": {}, "rows": []}
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         layer = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
         torch.nn.init.normal_(layer.weight, 0.0, 0.02)
         q, q8 = Int4Linear.from_linear(layer, args.group_size), Int8Linear.from_linear(layer)
-        q.split_counters = q8.split_counters = split_counters(MATVEC_MAX_ROWS, N, "cuda")  # as set_backend gives
+        set_backend(q, "triton")  # their split-K counters, as a model gets them; forward() then picks the backend
+        set_backend(q8, "triton")
         result["errors"][name] = errors = max_errors(layer, q, q8)
         print(f"{name} (N={N}, K={K}) max error vs BF16 x @ W_deq^T: "
               + ", ".join(f"{b} {e:.1e}" for b, e in errors.items()), flush=True)

@@ -265,7 +265,8 @@ def set_backend(model: nn.Module, backend: str) -> None:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer, each storage counted once (tied embeddings), kernel copies included."""
+    """Bytes of every parameter and buffer, each storage counted once (tied embeddings), kernel copies included;
+    not the split-K counters (scratch, not weights)."""
     seen, total = set(), 0
     tensors = list(model.parameters()) + [b for name, b in model.named_buffers() if not name.endswith("split_counters")]
     tensors += [t for m in model.modules() if isinstance(m, Int4Linear) and m._kernel for t in m._kernel]

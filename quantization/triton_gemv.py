@@ -32,15 +32,6 @@ import torch
 import triton
 import triton.language as tl
 
-TWO_23 = tl.constexpr(8388608.0)  # 2^23: the float whose low 23 bits are its mantissa's
-
-
-@triton.jit
-def _as_float(word, mask: tl.constexpr):
-    """(word & mask) as a float + 2^23, exact when mask lies within the low 23 bits (for the INT4 zero points)."""
-    return ((word & mask) | 0x4B000000).to(tl.float32, bitcast=True)
-
-
 @triton.jit
 def _one_plus(word, p: tl.constexpr, one):
     """The code at bits p..p+3 of word (p + 3 <= 22) as the float 1 + code 2^(p-23): OR-ed into one, 1.0's bits."""
@@ -124,8 +115,8 @@ def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N, K, W
         g = w0 // WORDS_PER_GROUP + tl.arange(0, BLOCK_G)
         ok = n_ok[:, None] & (g < groups)[None, :]
         s = tl.load(s_ptr + n[:, None] * groups + g[None, :], mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + n[:, None] * groups + g[None, :], mask=ok, other=0).to(tl.int32)
-        acc += s * (dot - xs_sum[None, :] - (_as_float(z, 0xFF) - TWO_23) * x_sum[None, :])
+        z = tl.load(z_ptr + n[:, None] * groups + g[None, :], mask=ok, other=0).to(tl.float32)  # once per group
+        acc += s * (dot - xs_sum[None, :] - z * x_sum[None, :])
         words = following
     _store(y_ptr, part_ptr, count_ptr, tl.sum(acc, axis=1), n, n_ok, N, SPLIT)
 
