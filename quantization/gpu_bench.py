@@ -9,13 +9,16 @@ norms, RoPE and SwiGLU, and can fuse an INT8 dequant into the matmul); "fused" s
 projection each, as a serving engine does (our engine's engines/ours/fused_projections.py): five matrix-vector
 products per layer become two, larger ones, and each kernel launch has a fixed cost. `--int4-head` also makes the LM
 head and the embedding INT4 (group 32, quantization.linear.quantize_embeddings); checkpoint formats keep them in 16
-bits. "factored" (INT4, triton) multiplies up to 16 rows, one included, with triton_gemm.py's factored kernel.
+bits. "factored" (INT4, triton) multiplies up to 16 rows, one included, with triton_gemm.py's factored kernel. "pdl"
+launches our matrix-vector kernels and torch.compile's with programmatic dependent launch (Hopper and later): each
+kernel may start while the one before it finishes, and ours load their first weights before they wait for it.
 Random weights of the model's shape.
 
     python -m quantization.gpu_bench --model llama2-7b                 # on an H100: a few minutes
     python -m quantization.gpu_bench --configs bf16,int4:torch --max-tokens 64
     python -m quantization.gpu_bench --model llama2-70b --configs int4:torch    # 70B INT4 on one 80 GB GPU
     python -m quantization.gpu_bench --configs int4:torch:compile:fused,int4:triton:compile:fused --int4-head
+    python -m quantization.gpu_bench --configs int4:triton:compile:fused,int4:triton:compile:fused:pdl --int4-head
     python -m quantization.gpu_bench --model tiny --device cpu --configs bf16,int4:torch   # code path check only
 """
 from __future__ import annotations
@@ -119,8 +122,9 @@ def kernel_error(q: torch.nn.Module) -> float:
     return ((q(x).float() - ref).norm() / ref.norm()).item()
 
 
-def decode_ms(lm, prompt_len: int, max_tokens: int, repeats: int, cuda_graph: bool, compile: bool) -> float:
-    """Median over repeats of the median time per decode step, in ms."""
+def decode_ms(lm, prompt_len: int, max_tokens: int, repeats: int, cuda_graph: bool,
+              compile: bool) -> tuple[float, list[int]]:
+    """Median over repeats of the median time per decode step, in ms, and the tokens of the last repeat."""
     device = next(lm.model.parameters()).device
     vocab = min(lm.model.config.vocab_size, 32000)
     prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -132,10 +136,20 @@ def decode_ms(lm, prompt_len: int, max_tokens: int, repeats: int, cuda_graph: bo
         sync(device)
         result = generate(lm.model, [prompt], params, cuda_graph=cuda_graph, compile=compile)
         per_token.append(statistics.median(result.token_times_s))
-    return statistics.median(per_token) * 1e3
+    return statistics.median(per_token) * 1e3, result.tokens[0]
 
 
 @cli
+def use_pdl(on: bool) -> None:
+    """Programmatic dependent launch (Hopper and later) for our matrix-vector kernels and torch.compile's kernels, so
+    that each kernel of a decode step starts while the one before it finishes (its weights need not wait)."""
+    from quantization import triton_gemv
+    triton_gemv.use_pdl(on)
+    import torch._inductor.config as inductor
+    if hasattr(inductor.triton, "enable_pdl"):
+        inductor.triton.enable_pdl = on
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m quantization.gpu_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,10 +174,11 @@ def main(argv: list[str] | None = None) -> None:
     for config in args.configs.split(","):
         parts = config.split(":")
         precision, compile, fused = parts[0], "compile" in parts, "fused" in parts
-        backend = next((p for p in parts[1:] if p not in ("compile", "fused", "factored")), "dequant")
+        backend = next((p for p in parts[1:] if p not in ("compile", "fused", "factored", "pdl")), "dequant")
         if device.type == "cuda":  # INT4 "triton" up to 16 rows: the factored GEMM, or the matrix-vector kernel
             from quantization import triton_gemm
             triton_gemm.FACTORED_MAX_ROWS = 16 if "factored" in parts else 0
+            use_pdl("pdl" in parts)
         if precision not in ("bf16", "int8", "int4"):
             raise UserError(f"unknown precision in {config!r} (bf16, int8, int4)")
         t0 = time.perf_counter()
@@ -174,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             if err > MAX_KERNEL_ERROR:
                 raise RuntimeError(f"WRONG RESULT: relative error {err:.3f} against the dequantized weights")
-            ms = decode_ms(lm, args.prompt_len, args.max_tokens, args.repeats, cuda_graph, compile)
-            row.update(tpot_ms=ms, floor_ms=nbytes / (bandwidth * 1e9) * 1e3,
+            ms, tokens = decode_ms(lm, args.prompt_len, args.max_tokens, args.repeats, cuda_graph, compile)
+            row.update(tokens=tokens, tpot_ms=ms, floor_ms=nbytes / (bandwidth * 1e9) * 1e3,
                        fraction_of_copy_bandwidth=nbytes / (ms / 1e3) / (bandwidth * 1e9))
         except Exception as e:  # a kernel missing in this torch build, a compiler failure: say so, go on
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
@@ -207,6 +222,16 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['fraction_of_copy_bandwidth']:>12.0%}{r['peak_gpu_mb']:>13.0f}{r['kernel_rel_error']:>12.1e}")
         else:
             print(f"{r['config']:<28}{r['weight_gb']:>11.2f}  {r['error']}")
+    # The same weights (seeded) through the same kernels, launched differently, must give the same greedy tokens.
+    by_config = {r["config"]: r for r in rows if "tokens" in r}
+    for r in by_config.values():
+        if "pdl" in r["config"].split(":") and (plain := by_config.get(r["config"].replace(":pdl", ""))):
+            same = r["tokens"] == plain["tokens"]
+            r["tokens_match_" + plain["config"]] = same
+            print(f"{r['config']}: tokens {'identical to' if same else 'DIFFER from'} {plain['config']}'s")
+    if args.out:
+        args.out.write_text(json.dumps({"device": device_name, "copy_bandwidth_gbs": bandwidth,
+                                        "torch": torch.__version__, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

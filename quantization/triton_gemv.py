@@ -53,6 +53,17 @@ def _words_of(W, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _after_previous_kernel(PDL: tl.constexpr):
+    """With programmatic dependent launch (PDL, sm_90+), this kernel's programs may start while the previous kernel
+    on the stream still runs: what came before this call (the first weight tile's loads: weights never change) overlaps
+    its tail. Wait here until it has finished, since x, the counters and the scratch are its kernels' to write; then
+    let the next kernel start its own programs (they wait for ours the same way)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _store(y_ptr, part_ptr, count_ptr, partial, n, n_ok, N, SPLIT: tl.constexpr):
     """y[row, n] = partial summed over the SPLIT programs that share these channels, in split order (deterministic).
 
@@ -79,7 +90,7 @@ def _store(y_ptr, part_ptr, count_ptr, partial, n, n_ok, N, SPLIT: tl.constexpr)
 
 @triton.jit
 def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N, K, W, GROUP: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False):
     WORDS_PER_GROUP: tl.constexpr = GROUP // 8
     BLOCK_G: tl.constexpr = BLOCK_W // WORDS_PER_GROUP  # whole groups per tile: a tile starts on a group boundary
     row = tl.program_id(1)
@@ -92,6 +103,7 @@ def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N, K, W
     one = 0x3F800000 | (N >> 31)
     acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     words = _tile(w_ptr, n, n_ok, W, start + tl.arange(0, BLOCK_W), end)
+    _after_previous_kernel(PDL)
     for w0 in range(start, end, BLOCK_W):
         j = w0 + tl.arange(0, BLOCK_W)
         j_ok = j < end
@@ -123,7 +135,7 @@ def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N, K, W
 
 @triton.jit
 def _int8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, K, W, BLOCK_N: tl.constexpr,
-                 BLOCK_W: tl.constexpr, SPLIT: tl.constexpr):
+                 BLOCK_W: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False):
     row = tl.program_id(1)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
@@ -133,6 +145,7 @@ def _int8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, K, W, BLOCK
     x_sum = tl.zeros((BLOCK_W,), dtype=tl.float32)
     xs_sum = tl.zeros((BLOCK_W,), dtype=tl.float32)
     words = _tile(w_ptr, n, n_ok, W, start + tl.arange(0, BLOCK_W), end)
+    _after_previous_kernel(PDL)
     for w0 in range(start, end, BLOCK_W):
         j = w0 + tl.arange(0, BLOCK_W)
         j_ok = j < end
@@ -185,19 +198,23 @@ def split_counters(rows: int, channels: int, device) -> torch.Tensor:
 
 
 def _launch(tuned, plain, y: torch.Tensor, counters: torch.Tensor | None, config: dict | None, inputs: tuple,
-            sizes: tuple, interpreted: dict) -> None:
-    """kernel(*inputs, y, parts, counters, *sizes) with `config`, or else tuned on a GPU and `interpreted` on a CPU."""
+            sizes: tuple, interpreted: dict, pdl: bool = False) -> None:
+    """kernel(*inputs, y, parts, counters, *sizes) with `config`, or else tuned on a GPU and `interpreted` on a CPU;
+    with `pdl`, as a programmatic dependent launch."""
     M, N = y.shape
     if counters is None:
         counters = split_counters(M, N, y.device)
     elif counters.numel() < M * N:  # one per channel block and row: enough for any BLOCK_N
         raise ValueError(f"{counters.numel()} split counters are too few for {M} x {N} outputs")
     parts = torch.empty(max(SPLITS) * M * N, dtype=torch.float32, device=y.device)  # never read before written
+    launch = {"PDL": True, "launch_pdl": True} if pdl else {}
     if config is None and y.is_cuda:
-        tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT"])](*inputs, y, parts, counters, *sizes)
+        tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT"])](*inputs, y, parts, counters, *sizes,
+                                                                                 **launch)
     else:
         config = config or interpreted
-        plain[(triton.cdiv(N, config["BLOCK_N"]), M, config["SPLIT"])](*inputs, y, parts, counters, *sizes, **config)
+        plain[(triton.cdiv(N, config["BLOCK_N"]), M, config["SPLIT"])](*inputs, y, parts, counters, *sizes, **config,
+                                                                       **launch)
 
 
 def _words(q: torch.Tensor, codes_per_word: int) -> torch.Tensor:
@@ -207,26 +224,75 @@ def _words(q: torch.Tensor, codes_per_word: int) -> torch.Tensor:
     return q.view(torch.int32)
 
 
+# Programmatic dependent launch (Hopper and later): each matrix-vector product may start while the kernel before it
+# finishes, so its first weight tile is on its way by then (_after_previous_kernel). Off by default; use_pdl() turns
+# it on for a process (gpu_bench's "pdl" configs, with torch.compile's own kernels made PDL-aware as well).
+PDL = False
+
+
+def use_pdl(on: bool = True) -> None:
+    global PDL
+    PDL = on
+
+
 def int8_matvec(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, counters: torch.Tensor | None = None,
                 config: dict | None = None) -> torch.Tensor:
     """x [M, K] (a few rows), qweight int8 [N, K], scales [N] -> y [M, N] in x's dtype. counters: split_counters'
     (made, and zeroed, per call if not given); config: a fixed {BLOCK_N, BLOCK_W, SPLIT} instead of the tuned one."""
-    M, K = x.shape
-    y = torch.empty(M, qweight.shape[0], dtype=x.dtype, device=x.device)
-    _launch(_int8_tuned, _int8_kernel, y, counters, config, (x.contiguous(), _words(qweight, 4), scales),
-            (y.shape[1], K, K // 4), {"BLOCK_N": 16, "BLOCK_W": 16, "SPLIT": 1})
-    return y
+    if PDL and x.is_cuda and config is None:
+        return torch.ops.llmip.int8_matvec_pdl(x, qweight, scales, counters)
+    return _int8_matvec(x, qweight, scales, counters, config)
 
 
 def int4_matvec(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int, counters: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """x [M, K] (a few rows), qweight uint8 [N, K/2] (low nibble first), scales [N, G], zeros uint8 [N, G];
     counters and config as for int8_matvec."""
-    M, K = x.shape
     if not int4_matvec_takes(group_size):
         raise ValueError(f"the Triton INT4 matrix-vector kernel takes group sizes that are powers of two from 8 to "
                          f"{MAX_GROUP} (got {group_size})")
+    if PDL and x.is_cuda and config is None:
+        return torch.ops.llmip.int4_matvec_pdl(x, qweight, scales, zeros, group_size, counters)
+    return _int4_matvec(x, qweight, scales, zeros, group_size, counters, config)
+
+
+def _int8_matvec(x, qweight, scales, counters, config, pdl=False):
+    M, K = x.shape
+    y = torch.empty(M, qweight.shape[0], dtype=x.dtype, device=x.device)
+    _launch(_int8_tuned, _int8_kernel, y, counters, config, (x.contiguous(), _words(qweight, 4), scales),
+            (y.shape[1], K, K // 4), {"BLOCK_N": 16, "BLOCK_W": 16, "SPLIT": 1}, pdl)
+    return y
+
+
+def _int4_matvec(x, qweight, scales, zeros, group_size, counters, config, pdl=False):
+    M, K = x.shape
     y = torch.empty(M, qweight.shape[0], dtype=x.dtype, device=x.device)
     _launch(_int4_tuned, _int4_kernel, y, counters, config, (x.contiguous(), _words(qweight, 8), scales, zeros),
-            (y.shape[1], K, K // 8, group_size), {"BLOCK_N": 16, "BLOCK_W": max(16, group_size // 8), "SPLIT": 1})
+            (y.shape[1], K, K // 8, group_size), {"BLOCK_N": 16, "BLOCK_W": max(16, group_size // 8), "SPLIT": 1},
+            pdl)
     return y
+
+
+# With PDL the kernels are custom ops: torch.compile calls them as they are, where it would launch a Triton kernel it
+# traced on its own, without the launch attribute. They leave the counters as they found them (zero), so they are
+# declared as mutating nothing.
+@torch.library.custom_op("llmip::int8_matvec_pdl", mutates_args=())
+def _int8_matvec_pdl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     counters: torch.Tensor | None) -> torch.Tensor:
+    return _int8_matvec(x, qweight, scales, counters, None, pdl=True)
+
+
+@torch.library.custom_op("llmip::int4_matvec_pdl", mutates_args=())
+def _int4_matvec_pdl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int, counters: torch.Tensor | None) -> torch.Tensor:
+    return _int4_matvec(x, qweight, scales, zeros, group_size, counters, None, pdl=True)
+
+
+@_int8_matvec_pdl.register_fake
+def _(x, qweight, scales, counters):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@_int4_matvec_pdl.register_fake
+def _(x, qweight, scales, zeros, group_size, counters):
+    return x.new_empty(x.shape[0], qweight.shape[0])

@@ -76,6 +76,34 @@ def test_triton_matvec_every_config_on_gpu():
     assert not counters.any()
 
 
+@pytest.mark.gpu
+def test_triton_matvec_pdl_matches_plain_launch_on_gpu():
+    """Launched with programmatic dependent launch (custom ops under torch.compile, replayed from a CUDA graph), the
+    kernels give what they give launched plainly, bit for bit."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90 or later")
+    from quantization import triton_gemv
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(2048, 1024, bias=False), torch.nn.Linear(1024, 4096, bias=False)
+    model = torch.nn.Sequential(Int4Linear.from_linear(first, 128), torch.nn.ReLU(), Int8Linear.from_linear(second))
+    model = model.cuda().to(torch.bfloat16)
+    set_backend(model, "triton")
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    expected = model(x)
+    triton_gemv.use_pdl(True)
+    try:
+        step = torch.compile(model, dynamic=False)
+        assert torch.equal(step(x), expected)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step(x)
+        graph.replay()
+        assert torch.equal(out, expected)
+    finally:
+        triton_gemv.use_pdl(False)
+    assert not model[0].split_counters.any()
+
+
 GEMM_SHAPES = [(64, 128, 32), (96, 256, 128), (40, 192, 64)]  # (N, K, group): N not a multiple of BLOCK_N
 
 

@@ -59,7 +59,8 @@
 # failed under torch.compile (fixed since, not rerun). Next: a16's last line, a17, a18. The session of 2026-12-07
 # 14:02-17:00 added split-K and the one-plus float trick to triton_gemv.py: a19 (14:40, carry smollm2-tok), a20
 # (14:47); a21 (15:07) ran with the counters passed by address, which Inductor rejected (reverted). Next: a21 as it
-# is now, a17, a18.
+# is now, a17, a18. The session of 2026-12-07 16:25-19:25 added programmatic dependent launch: a22, a23, a24 (carry
+# .device-kit/smollm2-tok).
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -296,6 +297,26 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --configs int4:triton:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_gemv_int4_compiled.json"
     run quant_70b_gemv 340 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
       --configs int4:triton:compile:fused --max-tokens 32 --repeats 2 --out "$OUT/quant_gpu_70b_gemv.json"
+    ;;
+  a22)  # programmatic dependent launch (PDL): the GPU tests, then the 7B INT4 decode through our kernel and through
+        # tinygemm, each with and without PDL (ours: custom ops launched with PDL; torch.compile's kernels PDL-aware)
+    export TRITON_CACHE_AUTOTUNING=1
+    run gpu_tests_gemv 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
+    run quant_7b_pdl 420 python -u -m quantization.gpu_bench --model llama2-7b --int4-head --configs \
+      int4:triton:compile:fused,int4:triton:compile:fused:pdl,int4:torch:compile:fused:pdl,int4:torch:compile:fused \
+      --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_pdl.json"
+    ;;
+  a23)  # Llama-2-70B INT4 through our kernel with PDL, then without
+    export TRITON_CACHE_AUTOTUNING=1
+    run quant_70b_pdl 560 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
+      --configs int4:triton:compile:fused:pdl,int4:triton:compile:fused --max-tokens 32 --repeats 2 \
+      --out "$OUT/quant_gpu_70b_pdl.json"
+    ;;
+  a24)  # the 7B INT8 decode through our kernel, with and without PDL
+    export TRITON_CACHE_AUTOTUNING=1
+    run quant_7b_int8_pdl 400 python -u -m quantization.gpu_bench --model llama2-7b \
+      --configs int8:triton:compile:fused:pdl,int8:triton:compile:fused --max-tokens 64 --repeats 2 \
+      --out "$OUT/quant_gpu_7b_int8_pdl.json"
     ;;
   a16)  # triton_gemv.py's word-wide kernels (codes made floats by bit tricks, the next K tile loaded before this one's
         # math): each projection at one row against tinygemm and BF16, their GPU tests, then the 7B INT4 decode
