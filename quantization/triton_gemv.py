@@ -207,7 +207,8 @@ def _launch(tuned, plain, y: torch.Tensor, counters: torch.Tensor | None, config
     elif counters.numel() < M * N:  # one per channel block and row: enough for any BLOCK_N
         raise ValueError(f"{counters.numel()} split counters are too few for {M} x {N} outputs")
     parts = torch.empty(max(SPLITS) * M * N, dtype=torch.float32, device=y.device)  # never read before written
-    launch = {"PDL": True, "launch_pdl": True} if pdl else {}
+    launch = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}  # given even when False: torch.compile's
+    # launcher for a traced kernel (torch 2.11) does not fill in a constexpr's default
     if config is None and y.is_cuda:
         tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT"])](*inputs, y, parts, counters, *sizes,
                                                                                  **launch)

@@ -312,6 +312,15 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --configs int4:triton:compile:fused:pdl,int4:triton:compile:fused --max-tokens 32 --repeats 2 \
       --out "$OUT/quant_gpu_70b_pdl.json"
     ;;
+  a25)  # a22's baseline (our INT4 kernel without PDL), which failed there, with PDL again, then the INT8 of a24
+    export TRITON_CACHE_AUTOTUNING=1
+    run quant_7b_pdl 330 python -u -m quantization.gpu_bench --model llama2-7b --int4-head --configs \
+      int4:triton:compile:fused,int4:triton:compile:fused:pdl,int4:torch:compile:fused \
+      --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_pdl2.json"
+    run quant_7b_int8_pdl 240 python -u -m quantization.gpu_bench --model llama2-7b \
+      --configs int8:triton:compile:fused:pdl,int8:triton:compile:fused --max-tokens 64 --repeats 2 \
+      --out "$OUT/quant_gpu_7b_int8_pdl.json"
+    ;;
   a24)  # the 7B INT8 decode through our kernel, with and without PDL
     export TRITON_CACHE_AUTOTUNING=1
     run quant_7b_int8_pdl 400 python -u -m quantization.gpu_bench --model llama2-7b \
