@@ -11,7 +11,8 @@ products per layer become two, larger ones, and each kernel launch has a fixed c
 head and the embedding INT4 (group 32, quantization.linear.quantize_embeddings); checkpoint formats keep them in 16
 bits. "factored" (INT4, triton) multiplies up to 16 rows, one included, with triton_gemm.py's factored kernel. "pdl"
 launches our matrix-vector kernels and torch.compile's with programmatic dependent launch (Hopper and later): each
-kernel may start while the one before it finishes, and ours load their first weights before they wait for it.
+kernel may start while the one before it finishes, and ours load their first weights before they wait for it; "op"
+launches ours the same way (custom ops, tuned by Triton's autotuner, not torch.compile's) without PDL.
 Random weights of the model's shape.
 
     python -m quantization.gpu_bench --model llama2-7b                 # on an H100: a few minutes
@@ -140,11 +141,12 @@ def decode_ms(lm, prompt_len: int, max_tokens: int, repeats: int, cuda_graph: bo
 
 
 @cli
-def use_pdl(on: bool) -> None:
+def use_pdl(on: bool, as_op: bool) -> None:
     """Programmatic dependent launch (Hopper and later) for our matrix-vector kernels and torch.compile's kernels, so
-    that each kernel of a decode step starts while the one before it finishes (its weights need not wait)."""
+    that each kernel of a decode step starts while the one before it finishes (its weights need not wait); as_op:
+    our kernels as custom ops (as PDL needs them), with or without it."""
     from quantization import triton_gemv
-    triton_gemv.use_pdl(on)
+    triton_gemv.use_pdl(on, as_op)
     import torch._inductor.config as inductor
     if hasattr(inductor.triton, "enable_pdl"):
         inductor.triton.enable_pdl = on
@@ -174,11 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     for config in args.configs.split(","):
         parts = config.split(":")
         precision, compile, fused = parts[0], "compile" in parts, "fused" in parts
-        backend = next((p for p in parts[1:] if p not in ("compile", "fused", "factored", "pdl")), "dequant")
+        backend = next((p for p in parts[1:] if p not in ("compile", "fused", "factored", "pdl", "op")), "dequant")
         if device.type == "cuda":  # INT4 "triton" up to 16 rows: the factored GEMM, or the matrix-vector kernel
             from quantization import triton_gemm
             triton_gemm.FACTORED_MAX_ROWS = 16 if "factored" in parts else 0
-            use_pdl("pdl" in parts)
+            use_pdl("pdl" in parts, "pdl" in parts or "op" in parts)
         if precision not in ("bf16", "int8", "int4"):
             raise UserError(f"unknown precision in {config!r} (bf16, int8, int4)")
         t0 = time.perf_counter()

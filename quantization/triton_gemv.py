@@ -227,21 +227,23 @@ def _words(q: torch.Tensor, codes_per_word: int) -> torch.Tensor:
 
 # Programmatic dependent launch (Hopper and later): each matrix-vector product may start while the kernel before it
 # finishes, so its first weight tile is on its way by then (_after_previous_kernel). Off by default; use_pdl() turns
-# it on for a process (gpu_bench's "pdl" configs, with torch.compile's own kernels made PDL-aware as well).
+# it on for a process (gpu_bench's "pdl" configs, with torch.compile's own kernels made PDL-aware as well). AS_OP
+# alone launches the kernels through the same custom ops without PDL (gpu_bench's "op": to tell the two apart).
 PDL = False
+AS_OP = False
 
 
-def use_pdl(on: bool = True) -> None:
-    global PDL
-    PDL = on
+def use_pdl(on: bool = True, as_op: bool | None = None) -> None:
+    global PDL, AS_OP
+    PDL, AS_OP = on, on if as_op is None else as_op
 
 
 def int8_matvec(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, counters: torch.Tensor | None = None,
                 config: dict | None = None) -> torch.Tensor:
     """x [M, K] (a few rows), qweight int8 [N, K], scales [N] -> y [M, N] in x's dtype. counters: split_counters'
     (made, and zeroed, per call if not given); config: a fixed {BLOCK_N, BLOCK_W, SPLIT} instead of the tuned one."""
-    if PDL and x.is_cuda and config is None:
-        return torch.ops.llmip.int8_matvec_pdl(x, qweight, scales, counters)
+    if AS_OP and x.is_cuda and config is None:
+        return torch.ops.llmip.int8_matvec_op(x, qweight, scales, counters, PDL)
     return _int8_matvec(x, qweight, scales, counters, config)
 
 
@@ -252,8 +254,8 @@ def int4_matvec(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     if not int4_matvec_takes(group_size):
         raise ValueError(f"the Triton INT4 matrix-vector kernel takes group sizes that are powers of two from 8 to "
                          f"{MAX_GROUP} (got {group_size})")
-    if PDL and x.is_cuda and config is None:
-        return torch.ops.llmip.int4_matvec_pdl(x, qweight, scales, zeros, group_size, counters)
+    if AS_OP and x.is_cuda and config is None:
+        return torch.ops.llmip.int4_matvec_op(x, qweight, scales, zeros, group_size, counters, PDL)
     return _int4_matvec(x, qweight, scales, zeros, group_size, counters, config)
 
 
@@ -277,23 +279,23 @@ def _int4_matvec(x, qweight, scales, zeros, group_size, counters, config, pdl=Fa
 # With PDL the kernels are custom ops: torch.compile calls them as they are, where it would launch a Triton kernel it
 # traced on its own, without the launch attribute. They leave the counters as they found them (zero), so they are
 # declared as mutating nothing.
-@torch.library.custom_op("llmip::int8_matvec_pdl", mutates_args=())
-def _int8_matvec_pdl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                     counters: torch.Tensor | None) -> torch.Tensor:
-    return _int8_matvec(x, qweight, scales, counters, None, pdl=True)
+@torch.library.custom_op("llmip::int8_matvec_op", mutates_args=())
+def _int8_matvec_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, counters: torch.Tensor | None,
+                    pdl: bool) -> torch.Tensor:
+    return _int8_matvec(x, qweight, scales, counters, None, pdl)
 
 
-@torch.library.custom_op("llmip::int4_matvec_pdl", mutates_args=())
-def _int4_matvec_pdl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                     group_size: int, counters: torch.Tensor | None) -> torch.Tensor:
-    return _int4_matvec(x, qweight, scales, zeros, group_size, counters, None, pdl=True)
+@torch.library.custom_op("llmip::int4_matvec_op", mutates_args=())
+def _int4_matvec_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group_size: int, counters: torch.Tensor | None, pdl: bool) -> torch.Tensor:
+    return _int4_matvec(x, qweight, scales, zeros, group_size, counters, None, pdl)
 
 
-@_int8_matvec_pdl.register_fake
-def _(x, qweight, scales, counters):
+@_int8_matvec_op.register_fake
+def _(x, qweight, scales, counters, pdl):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
-@_int4_matvec_pdl.register_fake
-def _(x, qweight, scales, zeros, group_size, counters):
+@_int4_matvec_op.register_fake
+def _(x, qweight, scales, zeros, group_size, counters, pdl):
     return x.new_empty(x.shape[0], qweight.shape[0])

@@ -321,6 +321,13 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --configs int8:triton:compile:fused:pdl,int8:triton:compile:fused --max-tokens 64 --repeats 2 \
       --out "$OUT/quant_gpu_7b_int8_pdl.json"
     ;;
+  a26)  # what PDL is worth alone: our INT4 kernel as a custom op without PDL (a25's plain row was launched by
+        # torch.compile itself, tuned its own way), then with it, on one machine
+    export TRITON_CACHE_AUTOTUNING=1
+    run quant_7b_op 300 python -u -m quantization.gpu_bench --model llama2-7b --int4-head --configs \
+      int4:triton:compile:fused:op,int4:triton:compile:fused:pdl --max-tokens 64 --repeats 2 \
+      --out "$OUT/quant_gpu_7b_op.json"
+    ;;
   a24)  # the 7B INT8 decode through our kernel, with and without PDL
     export TRITON_CACHE_AUTOTUNING=1
     run quant_7b_int8_pdl 400 python -u -m quantization.gpu_bench --model llama2-7b \
