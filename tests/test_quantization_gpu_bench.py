@@ -21,11 +21,14 @@ def test_streamed_build_quantizes_every_projection():
 
 
 def test_cli_runs_on_cpu(tmp_path, capsys):
-    main(["--model", "tiny", "--device", "cpu", "--configs", "bf16,int4:torch", "--max-tokens", "4",
-          "--prompt-len", "8", "--repeats", "1", "--out", str(tmp_path / "b.json")])
+    main(["--model", "tiny", "--device", "cpu", "--configs", "bf16,int4:torch,int4:torch:op,int4:torch:pdl",
+          "--max-tokens", "4", "--prompt-len", "8", "--repeats", "1", "--out", str(tmp_path / "b.json")])
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert [r["config"] for r in rows] == ["bf16", "int4:torch"] and all("tpot_ms" in r for r in rows)
-    assert "of copy BW" in capsys.readouterr().out
+    assert [r["config"] for r in rows] == ["bf16", "int4:torch", "int4:torch:op", "int4:torch:pdl"]
+    assert all("tpot_ms" in r and len(r["tokens"]) == 4 for r in rows)
+    assert rows[3]["tokens_match_int4:torch:op"]  # a PDL config is checked against its custom-op twin's tokens
+    out = capsys.readouterr().out
+    assert "of copy BW" in out and "int4:torch:pdl: tokens identical to int4:torch:op's" in out
 
 
 def test_kernel_check_catches_a_wrong_layout():
