@@ -10,7 +10,9 @@ in bfloat16:
 - gemm: that GEMM at every row count;
 - tdequant: our one-pass Triton kernel writes a BF16 copy of W, then cuBLAS;
 - dequant: the portable backend: unpack to a BF16 copy of W in PyTorch ops, then cuBLAS;
-- int8: Int8Linear's "triton" backend (our INT8 matrix-vector kernel up to MATVEC_MAX_ROWS rows, dequant beyond).
+- int8: Int8Linear's "triton" backend (our INT8 matrix-vector kernel up to MATVEC_MAX_ROWS rows, dequant beyond);
+- half2: triton_gemv_half2.py's INT4 matrix-vector kernel (f16x2 arithmetic; one row or a few), timed without
+  preparing x (pairs_of, once per input, shared by the projections that read it), which is timed as half2-prep.
 Each time is the median of CUDA-event timings of single calls replayed from a CUDA graph (no Python launch cost, as
 in a serving engine), with L2 flushed before each (the weights come from HBM, as in a model whose layers stream
 through). GB/s is weight bytes (packed codes + scales + zeros for INT4) over time; TFLOP/s is 2MNK
@@ -38,14 +40,20 @@ SHAPES_7B = {"q/o proj": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 
 SHAPES = {**SHAPES_7B, "70b_qkv": (10240, 8192), "70b_o": (8192, 8192), "70b_gate|up": (57344, 8192),
           "70b_down": (8192, 28672)}  # Llama-2-70B's (grouped-query attention: 8 key-value heads)
 ROWS = (1, 8, 16, 32, 64, 128, 256, 512, 1024)
-BACKENDS = ("bf16", "torch", "triton", "gemm", "tdequant", "dequant", "int8")
+BACKENDS = ("bf16", "torch", "triton", "gemm", "tdequant", "dequant", "int8", "half2", "half2-prep")
 
 
 
 
-def forward(layer: torch.nn.Linear, q: Int4Linear, backend: str, x: torch.Tensor, q8: Int8Linear) -> torch.Tensor:
+def forward(layer: torch.nn.Linear, q: Int4Linear, backend: str, x: torch.Tensor, q8: Int8Linear,
+            pairs: torch.Tensor | None = None) -> torch.Tensor:
     if backend == "bf16":
         return layer(x)
+    if backend in ("half2", "half2-prep"):
+        from quantization.triton_gemv_half2 import int4_matvec_half2, pairs_of
+        if backend == "half2-prep":
+            return pairs_of(x, q.group_size)
+        return int4_matvec_half2(x, q.qweight, q.scales, q.zeros, q.group_size, q.split_counters, pairs=pairs)
     if backend == "int8":
         q8.backend = "triton"
         return q8(x)
@@ -73,7 +81,7 @@ def quantized_bytes(q: Int4Linear, backend: str, q8: Int8Linear) -> int:
 def max_errors(layer: torch.nn.Linear, q: Int4Linear, q8: Int8Linear) -> dict[str, float]:
     """Per quantized backend, max |y - x @ W_deq^T| / max |x @ W_deq^T| over 4 rows (matrix-vector) and 64 (GEMM)."""
     errors = {}
-    for backend in BACKENDS[1:]:
+    for backend in BACKENDS[1:-1]:  # half2-prep computes no product
         worst = 0.0
         try:
             for rows in (4, 64):
@@ -128,16 +136,24 @@ def main(argv: list[str] | None = None) -> None:
               + ", ".join(f"{b} {e:.1e}" for b, e in errors.items()), flush=True)
         for M in rows_list:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            pairs = None
+            if "half2" in backends:
+                from quantization.triton_gemv_half2 import pairs_of
+                pairs = pairs_of(x, q.group_size)
             for backend in backends:
                 row = {"shape": name, "N": N, "K": K, "M": M, "backend": backend}
                 try:
-                    us = graph_replay_us(lambda: forward(layer, q, backend, x, q8), args.warmup, args.repeats)
+                    us = graph_replay_us(lambda: forward(layer, q, backend, x, q8, pairs), args.warmup, args.repeats)
                     nbytes = layer.weight.nbytes if backend == "bf16" else quantized_bytes(q, backend, q8)
-                    row.update(us=us, tflops=2 * M * N * K / us / 1e6, weight_gbs=nbytes / us / 1e3)
+                    row.update(us=us) if backend == "half2-prep" else row.update(
+                        us=us, tflops=2 * M * N * K / us / 1e6, weight_gbs=nbytes / us / 1e3)
                 except Exception as e:  # a kernel missing in this torch build, a compiler failure: say so, go on
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 result["rows"].append(row)
             result["matvec_tuned_configs"] = tuned_configs()
+            if "half2" in backends:
+                from quantization import triton_gemv_half2
+                result["matvec_tuned_configs"].update(triton_gemv_half2.tuned_configs())
             if args.out:  # after every row count: a run cut short still leaves what it measured
                 args.out.write_text(json.dumps(result, indent=2))
         torch.cuda.empty_cache()
@@ -153,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
             line = f"{name:<10}{M:>6}"
             for b in backends:
                 r = cells[name, M, b]
-                line += (f"{r['us']:>10.1f}{r['tflops']:>7.1f}{r['weight_gbs']:>9.0f}" if "us" in r
-                         else f"{r['error'][:24]:>26}")
+                line += (f"{r['us']:>10.1f}{r['tflops']:>7.1f}{r['weight_gbs']:>9.0f}" if "tflops" in r
+                         else f"{r['us']:>10.1f}{'':>16}" if "us" in r else f"{r['error'][:24]:>26}")
             print(line)
 
 

@@ -4,7 +4,7 @@ A matrix-vector product at batch 1 reads each weight once, so a kernel can only 
 few instructions per weight: an H100 moves about 6e12 INT4 weights a second and issues about 3e13 thread
 instructions a second, so 5 instructions per weight is already the whole instruction budget. This compiles
 triton_gemm.py's two GEMM kernels (plain: scale and zero applied to every weight; factored: once per group) and
-triton_gemv.py's matrix-vector kernels (gemv4, gemv8) for sm_90 with Triton's own ptxas, disassembles them with its
+triton_gemv.py's matrix-vector kernels (gemv4, gemv8) and triton_gemv_half2.py's (gemv4h2) for sm_90 with Triton's own ptxas, disassembles them with its
 nvdisasm, and counts the instructions of the K loop (the longest backward branch) per weight a thread handles, by
 opcode. Counting is not timing: memory stalls and the tensor cores' throughput are not in it (gemm_tiles.py and
 gemm_bench.py time the kernels on a GPU).
@@ -25,8 +25,9 @@ from core.errors import UserError, cli
 # (kernel, BLOCK_N, BLOCK_K, warps, stages): the table's tile for few rows (plain), its factored counterparts, and
 # matrix-vector tiles (BLOCK_K counts 32-bit words there: BLOCK_W).
 CASES = (("plain", 64, 256, 4, 4), ("plain", 64, 128, 4, 4), ("factored", 64, 128, 4, 4), ("factored", 128, 128, 8, 4),
-         ("gemv4", 16, 128, 4, 1), ("gemv4", 8, 256, 4, 1), ("gemv8", 16, 128, 4, 1), ("gemv8", 32, 256, 8, 1))
-WEIGHTS_PER_K = {"plain": 1, "factored": 1, "gemv4": 8, "gemv8": 4}  # weights per unit of BLOCK_K (gemv: a word)
+         ("gemv4", 16, 128, 4, 1), ("gemv4", 8, 256, 4, 1), ("gemv8", 16, 128, 4, 1), ("gemv8", 32, 256, 8, 1),
+         ("gemv4h2", 16, 128, 4, 1), ("gemv4h2", 8, 256, 4, 1), ("gemv4h2", 32, 128, 8, 1))
+WEIGHTS_PER_K = {"plain": 1, "factored": 1, "gemv4": 8, "gemv8": 4, "gemv4h2": 8}  # per unit of BLOCK_K (gemv: a word)
 ARGS = {"x_ptr": "*bf16", "s_ptr": "*bf16", "z_ptr": "*u8", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
         "SPLIT": "i32"}
 
@@ -54,11 +55,12 @@ def compile_sass(kernel: str, block_n: int, block_k: int, warps: int, stages: in
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from quantization import triton_gemm, triton_gemv
+    from quantization import triton_gemm, triton_gemv, triton_gemv_half2
     if kernel.startswith("gemv"):
-        fn = triton_gemv._int4_kernel if kernel == "gemv4" else triton_gemv._int8_kernel
-        signature = {**ARGS, "w_ptr": "*i32", "W": "i32", "part_ptr": "*fp32", "count_ptr": "*i32"}
-        constants = {"GROUP": 128, "BLOCK_N": block_n, "BLOCK_W": block_k, "SPLIT": 4}
+        fn = {"gemv4": triton_gemv._int4_kernel, "gemv8": triton_gemv._int8_kernel,
+              "gemv4h2": triton_gemv_half2._int4_half2_kernel}[kernel]
+        signature = {**ARGS, "xp_ptr": "*i32", "w_ptr": "*i32", "W": "i32", "part_ptr": "*fp32", "count_ptr": "*i32"}
+        constants = {"GROUP": 128, "BLOCK_N": block_n, "BLOCK_W": block_k, "SPLIT": 4, "PDL": False, "ASM": True}
     else:
         fn = triton_gemm._int4_gemm_factored_kernel if kernel == "factored" else triton_gemm._int4_gemm_kernel
         signature = {"w_ptr": "*i32" if kernel == "factored" else "*u8", **ARGS}
@@ -68,7 +70,7 @@ def compile_sass(kernel: str, block_n: int, block_k: int, warps: int, stages: in
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     signature.update({name: "constexpr" for name in constants})
     # Pointers 16-byte aligned and N, K multiples of 16, as Triton specializes them at a real launch.
-    aligned = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "part_ptr", "count_ptr", "N", "K", "W")
+    aligned = ("x_ptr", "xp_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "part_ptr", "count_ptr", "N", "K", "W")
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned if a in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})

@@ -38,6 +38,56 @@ def check_kernels() -> None:
         int4_matvec(x, q4.qweight, q4.scales, q4.zeros, 32, split_counters(1, 8, "cpu"))
 
 
+def check_half2_kernel() -> None:
+    """The f16x2 INT4 kernel's layout, scaling and group arithmetic (the interpreter computes each word's sum in
+    float32 from the same float16 x; the PTX is checked on a GPU): x rounded to float16 is the only error left."""
+    from quantization.triton_gemv import split_counters
+    from quantization.triton_gemv_half2 import int4_matvec_half2
+    torch.manual_seed(0)
+    for n, k, rows in [(40, 256, 1), (24, 320, 3)]:
+        linear = torch.nn.Linear(k, n, bias=False)
+        x = torch.randn(rows, k) * torch.logspace(-3, 3, k)  # groups of very different sizes: each its own scale
+        counters = split_counters(rows, n, "cpu")
+        for group_size, symmetric in [(64, False), (32, True)]:
+            q4 = Int4Linear.from_linear(linear, group_size, symmetric)
+            expected = x @ q4.dequantized_weight().T
+            for split in (1, 3):
+                config = {"BLOCK_N": 16, "BLOCK_W": group_size // 8, "SPLIT": split}
+                got = int4_matvec_half2(x, q4.qweight, q4.scales, q4.zeros, group_size, counters, config)
+                assert ((got - expected).norm() / expected.norm()).item() < 2e-3
+        assert not counters.any()
+    swapped = (q4.qweight >> 4) | ((q4.qweight & 0xF) << 4)  # a wrong nibble order is far outside that bound
+    got = int4_matvec_half2(x, swapped, q4.scales, q4.zeros, group_size)
+    assert ((got - expected).norm() / expected.norm()).item() > 0.1
+
+
+def test_half2_matvec_kernel_interpreted():
+    if torch.cuda.is_available():
+        pytest.skip("checked compiled, with its PTX, by the GPU test below")
+    run_interpreted("from test_quantization_triton import check_half2_kernel\ncheck_half2_kernel()\n")
+
+
+@pytest.mark.gpu
+def test_half2_matvec_every_config_on_gpu():
+    """The f16x2 INT4 kernel, PTX included, against the float reference on a GPU: every tile unsplit and every split of
+    one tile, then tuned, for x with groups of very different sizes."""
+    from quantization.triton_gemv import CONFIGS, split_counters
+    from quantization.triton_gemv_half2 import int4_matvec_half2
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(2048, 200, bias=False).cuda()
+    x = (torch.randn(1, 2048, device="cuda") * torch.logspace(-3, 3, 2048, device="cuda")).to(torch.bfloat16)
+    q4 = Int4Linear.from_linear(linear, 128)
+    expected = x.float() @ q4.dequantized_weight().float().T
+    counters = split_counters(1, 200, "cuda")
+    for c in [*CONFIGS, None]:
+        if c and c.kwargs["SPLIT"] > 1 and (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_W"]) != (16, 128):
+            continue
+        config = c and {**c.kwargs, "num_warps": c.num_warps}
+        got = int4_matvec_half2(x, q4.qweight, q4.scales, q4.zeros, 128, counters, config).float()
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-2, str(c)  # bfloat16 y: ~4e-3
+    assert not counters.any()
+
+
 def test_triton_matvec_kernels_match_dequantized_reference_interpreted():
     if torch.cuda.is_available():  # the GPU test below checks the compiled kernels there
         pytest.skip("on a GPU machine the compiled kernels are checked instead (its older Triton's interpreter "
