@@ -45,6 +45,21 @@ def _tile(w_ptr, n, n_ok, W, j, end):
 
 
 @triton.jit
+def _channels(N, BLOCK_N: tl.constexpr):
+    """This program's row of x, its BLOCK_N output channels, and which of them exist."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.program_id(1), n, n < N
+
+
+@triton.jit
+def _scales_and_zeros(s_ptr, z_ptr, n, n_ok, g, groups):
+    """INT4 scales and zero points of channels n in groups g, [BLOCK_N, BLOCK_G] float32 (read once per group)."""
+    ok = n_ok[:, None] & (g < groups)[None, :]
+    s = tl.load(s_ptr + n[:, None] * groups + g[None, :], mask=ok, other=0.0).to(tl.float32)
+    return s, tl.load(z_ptr + n[:, None] * groups + g[None, :], mask=ok, other=0).to(tl.float32)
+
+
+@triton.jit
 def _words_of(W, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr):
     """The words [start, end) of each row that this program reads: its share of whole tiles."""
     per_split = tl.cdiv(tl.cdiv(W, BLOCK_W), SPLIT) * BLOCK_W
@@ -93,9 +108,7 @@ def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N, K, W
                  BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False):
     WORDS_PER_GROUP: tl.constexpr = GROUP // 8
     BLOCK_G: tl.constexpr = BLOCK_W // WORDS_PER_GROUP  # whole groups per tile: a tile starts on a group boundary
-    row = tl.program_id(1)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
+    row, n, n_ok = _channels(N, BLOCK_N)
     groups = K // GROUP
     start, end = _words_of(W, BLOCK_W, SPLIT)
     # 1.0's bits, made from N (>= 0, so N >> 31 is 0) for the compiler cannot tell it is a constant: it then keeps it
@@ -125,9 +138,7 @@ def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N, K, W
         x_sum = tl.sum(tl.reshape(x_sum, (BLOCK_G, WORDS_PER_GROUP)), axis=1)
         xs_sum = tl.sum(tl.reshape(xs_sum, (BLOCK_G, WORDS_PER_GROUP)), axis=1)
         g = w0 // WORDS_PER_GROUP + tl.arange(0, BLOCK_G)
-        ok = n_ok[:, None] & (g < groups)[None, :]
-        s = tl.load(s_ptr + n[:, None] * groups + g[None, :], mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + n[:, None] * groups + g[None, :], mask=ok, other=0).to(tl.float32)  # once per group
+        s, z = _scales_and_zeros(s_ptr, z_ptr, n, n_ok, g, groups)
         acc += s * (dot - xs_sum[None, :] - z * x_sum[None, :])
         words = following
     _store(y_ptr, part_ptr, count_ptr, tl.sum(acc, axis=1), n, n_ok, N, SPLIT)
@@ -136,9 +147,7 @@ def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N, K, W
 @triton.jit
 def _int8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, K, W, BLOCK_N: tl.constexpr,
                  BLOCK_W: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False):
-    row = tl.program_id(1)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
+    row, n, n_ok = _channels(N, BLOCK_N)
     start, end = _words_of(W, BLOCK_W, SPLIT)
     one = 0x3F800000 | (N >> 31)  # as in _int4_kernel
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)  # sum of (1 + (q + 128) / 256) 256 x, per word
@@ -198,9 +207,9 @@ def split_counters(rows: int, channels: int, device) -> torch.Tensor:
 
 
 def _launch(tuned, plain, y: torch.Tensor, counters: torch.Tensor | None, config: dict | None, inputs: tuple,
-            sizes: tuple, interpreted: dict, pdl: bool = False) -> None:
-    """kernel(*inputs, y, parts, counters, *sizes) with `config`, or else tuned on a GPU and `interpreted` on a CPU;
-    with `pdl`, as a programmatic dependent launch."""
+            sizes: tuple, interpreted: dict, pdl: bool = False, **constants) -> None:
+    """kernel(*inputs, y, parts, counters, *sizes, **constants) with `config`, or else tuned on a GPU and `interpreted`
+    on a CPU; with `pdl`, as a programmatic dependent launch."""
     M, N = y.shape
     if counters is None:
         counters = split_counters(M, N, y.device)
@@ -208,7 +217,7 @@ def _launch(tuned, plain, y: torch.Tensor, counters: torch.Tensor | None, config
         raise ValueError(f"{counters.numel()} split counters are too few for {M} x {N} outputs")
     parts = torch.empty(max(SPLITS) * M * N, dtype=torch.float32, device=y.device)  # never read before written
     launch = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}  # given even when False: torch.compile's
-    # launcher for a traced kernel (torch 2.11) does not fill in a constexpr's default
+    launch.update(constants)  # launcher for a traced kernel (torch 2.11) does not fill in a constexpr's default
     if config is None and y.is_cuda:
         tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT"])](*inputs, y, parts, counters, *sizes,
                                                                                  **launch)

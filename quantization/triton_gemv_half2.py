@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from quantization.triton_gemv import (CONFIGS, SPLITS, _after_previous_kernel, _store, _tile, _words,
-                                      _words_of, split_counters)
+from quantization.triton_gemv import (CONFIGS, MAX_GROUP, _after_previous_kernel, _channels, _launch,
+                                      _scales_and_zeros, _store, _tile, _words, _words_of, int4_matvec_takes)
 
 # One word: sum over its 8 codes of c x, from the f16x2 pairs p_i = (x[8j + i], x[8j + i + 4]) (low, high half).
 _DOT8 = tl.constexpr("""
@@ -68,15 +68,20 @@ def _half(pair, high: tl.constexpr):
 
 
 @triton.jit
+def _codes(word, bit: tl.constexpr):
+    return ((word >> bit) & 0xF).to(tl.float32)
+
+
+@triton.jit
 def _word_dot(word, p0, p1, p2, p3, ASM: tl.constexpr):
     if ASM:
         return tl.inline_asm_elementwise(_DOT8, "=r,r,r,r,r,r", [word, p0, p1, p2, p3], dtype=tl.float32,
                                          is_pure=True, pack=1)
     else:
-        dot = ((word & 0xF).to(tl.float32) * _half(p0, False) + ((word >> 16) & 0xF).to(tl.float32) * _half(p0, True))
-        dot += ((word >> 4) & 0xF).to(tl.float32) * _half(p1, False) + ((word >> 20) & 0xF).to(tl.float32) * _half(p1, True)
-        dot += ((word >> 8) & 0xF).to(tl.float32) * _half(p2, False) + ((word >> 24) & 0xF).to(tl.float32) * _half(p2, True)
-        dot += ((word >> 12) & 0xF).to(tl.float32) * _half(p3, False) + ((word >> 28) & 0xF).to(tl.float32) * _half(p3, True)
+        dot = _codes(word, 0) * _half(p0, False) + _codes(word, 16) * _half(p0, True)
+        dot += _codes(word, 4) * _half(p1, False) + _codes(word, 20) * _half(p1, True)
+        dot += _codes(word, 8) * _half(p2, False) + _codes(word, 24) * _half(p2, True)
+        dot += _codes(word, 12) * _half(p3, False) + _codes(word, 28) * _half(p3, True)
         return dot
 
 
@@ -86,9 +91,7 @@ def _int4_half2_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, 
                        ASM: tl.constexpr):
     WORDS_PER_GROUP: tl.constexpr = GROUP // 8
     BLOCK_G: tl.constexpr = BLOCK_W // WORDS_PER_GROUP  # whole groups per tile
-    row = tl.program_id(1)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
+    row, n, n_ok = _channels(N, BLOCK_N)
     groups = K // GROUP
     start, end = _words_of(W, BLOCK_W, SPLIT)
     xp = xp_ptr + row * (4 * W + 2 * groups)  # this row's pairs_of: 4 planes of W pairs, inverse scales, sums
@@ -107,12 +110,9 @@ def _int4_half2_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, 
         dot = _word_dot(words, p0[None, :], p1[None, :], p2[None, :], p3[None, :], ASM)
         dot = tl.sum(tl.reshape(dot, (BLOCK_N, BLOCK_G, WORDS_PER_GROUP)), axis=2)
         g = w0 // WORDS_PER_GROUP + tl.arange(0, BLOCK_G)
-        g_ok = g < groups
-        inverse = tl.load(group_ptr + g, mask=g_ok, other=0.0)
-        x_sum = tl.load(group_ptr + groups + g, mask=g_ok, other=0.0)
-        ok = n_ok[:, None] & g_ok[None, :]
-        s = tl.load(s_ptr + n[:, None] * groups + g[None, :], mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + n[:, None] * groups + g[None, :], mask=ok, other=0).to(tl.float32)
+        inverse = tl.load(group_ptr + g, mask=g < groups, other=0.0)
+        x_sum = tl.load(group_ptr + groups + g, mask=g < groups, other=0.0)
+        s, z = _scales_and_zeros(s_ptr, z_ptr, n, n_ok, g, groups)
         acc += s * (dot * inverse[None, :] - z * x_sum[None, :])
         words = following
     _store(y_ptr, part_ptr, count_ptr, tl.sum(acc, axis=1), n, n_ok, N, SPLIT)
@@ -146,22 +146,12 @@ def int4_matvec_half2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     """triton_gemv.int4_matvec's contract (x [M, K], qweight uint8 [N, K/2], scales [N, G], zeros uint8 [N, G]);
     pairs: pairs_of(x, group_size) if already made (several projections of one input share it)."""
     M, K = x.shape
-    N = qweight.shape[0]
-    if group_size < 8 or group_size & (group_size - 1) or group_size > 8 * min(c.kwargs["BLOCK_W"] for c in CONFIGS):
-        raise ValueError(f"the f16x2 INT4 kernel takes group sizes that are powers of two from 8 to 512 (got "
+    if not int4_matvec_takes(group_size):
+        raise ValueError(f"the f16x2 INT4 kernel takes group sizes that are powers of two from 8 to {MAX_GROUP} (got "
                          f"{group_size})")
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if counters is None:
-        counters = split_counters(M, N, y.device)
-    elif counters.numel() < M * N:
-        raise ValueError(f"{counters.numel()} split counters are too few for {M} x {N} outputs")
-    parts = torch.empty(max(SPLITS) * M * N, dtype=torch.float32, device=y.device)
+    y = torch.empty(M, qweight.shape[0], dtype=x.dtype, device=x.device)
     pairs = pairs_of(x, group_size) if pairs is None else pairs
-    args = (pairs, _words(qweight, 8), scales, zeros, y, parts, counters, N, K, K // 8, group_size)
-    launch = {"PDL": pdl, "ASM": x.is_cuda, **({"launch_pdl": True} if pdl else {})}
-    if config is None and x.is_cuda:
-        _tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT"])](*args, **launch)
-    else:
-        config = config or {"BLOCK_N": 16, "BLOCK_W": max(16, group_size // 8), "SPLIT": 1}
-        _int4_half2_kernel[(triton.cdiv(N, config["BLOCK_N"]), M, config["SPLIT"])](*args, **config, **launch)
+    _launch(_tuned, _int4_half2_kernel, y, counters, config, (pairs, _words(qweight, 8), scales, zeros),
+            (y.shape[1], K, K // 8, group_size), {"BLOCK_N": 16, "BLOCK_W": max(16, group_size // 8), "SPLIT": 1},
+            pdl, ASM=x.is_cuda)
     return y
