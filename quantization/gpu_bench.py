@@ -140,7 +140,6 @@ def decode_ms(lm, prompt_len: int, max_tokens: int, repeats: int, cuda_graph: bo
     return statistics.median(per_token) * 1e3, result.tokens[0]
 
 
-@cli
 def use_pdl(on: bool, as_op: bool) -> None:
     """Programmatic dependent launch (Hopper and later) for our matrix-vector kernels and torch.compile's kernels, so
     that each kernel of a decode step starts while the one before it finishes (its weights need not wait); as_op:
@@ -152,6 +151,7 @@ def use_pdl(on: bool, as_op: bool) -> None:
         inductor.triton.enable_pdl = on
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m quantization.gpu_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -285,9 +285,9 @@ def _int4_matvec(x, qweight, scales, zeros, group_size, counters, config, pdl=Fa
     return y
 
 
-# With PDL the kernels are custom ops: torch.compile calls them as they are, where it would launch a Triton kernel it
-# traced on its own, without the launch attribute. They leave the counters as they found them (zero), so they are
-# declared as mutating nothing.
+# With PDL (or AS_OP) the kernels are custom ops: torch.compile calls them as they are, where it would otherwise trace
+# the Triton kernel and launch it its own way, without the launch attribute. They leave the counters as they found
+# them (zero), so they are declared as mutating nothing.
 @torch.library.custom_op("llmip::int8_matvec_op", mutates_args=())
 def _int8_matvec_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, counters: torch.Tensor | None,
                     pdl: bool) -> torch.Tensor:
