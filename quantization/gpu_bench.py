@@ -12,7 +12,8 @@ head and the embedding INT4 (group 32, quantization.linear.quantize_embeddings);
 bits. "factored" (INT4, triton) multiplies up to 16 rows, one included, with triton_gemm.py's factored kernel. "pdl"
 launches our matrix-vector kernels and torch.compile's with programmatic dependent launch (Hopper and later): each
 kernel may start while the one before it finishes, and ours load their first weights before they wait for it; "op"
-launches ours the same way (custom ops, tuned by Triton's autotuner, not torch.compile's) without PDL.
+launches ours the same way (custom ops, tuned by Triton's autotuner, not torch.compile's) without PDL. "half2" (INT4,
+triton) uses triton_gemv_half2.py's f16x2 kernel for the one-row products.
 Random weights of the model's shape.
 
     python -m quantization.gpu_bench --model llama2-7b                 # on an H100: a few minutes
@@ -176,11 +177,14 @@ def main(argv: list[str] | None = None) -> None:
     for config in args.configs.split(","):
         parts = config.split(":")
         precision, compile, fused = parts[0], "compile" in parts, "fused" in parts
-        backend = next((p for p in parts[1:] if p not in ("compile", "fused", "factored", "pdl", "op")), "dequant")
+        backend = next((p for p in parts[1:] if p not in ("compile", "fused", "factored", "pdl", "op", "half2")),
+                       "dequant")
         if device.type == "cuda":  # INT4 "triton" up to 16 rows: the factored GEMM, or the matrix-vector kernel
             from quantization import triton_gemm
             triton_gemm.FACTORED_MAX_ROWS = 16 if "factored" in parts else 0
             use_pdl("pdl" in parts, "pdl" in parts or "op" in parts)
+            from quantization import triton_gemv_half2
+            triton_gemv_half2.ENABLED = "half2" in parts
         if precision not in ("bf16", "int8", "int4"):
             raise UserError(f"unknown precision in {config!r} (bf16, int8, int4)")
         t0 = time.perf_counter()

@@ -151,7 +151,9 @@ class Int4Linear(nn.Module):
                 w = int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, x.dtype)
                 y = F.linear(x2, w)
             elif len(x2) == 1 and not triton_gemm.FACTORED_MAX_ROWS and int4_matvec_takes(self.group_size):
-                y = int4_matvec(x2, self.qweight, self.scales, self.zeros, self.group_size, self.split_counters)
+                from quantization import triton_gemv_half2
+                matvec = triton_gemv_half2.int4_matvec_half2 if triton_gemv_half2.ENABLED else int4_matvec
+                y = matvec(x2, self.qweight, self.scales, self.zeros, self.group_size, self.split_counters)
             else:
                 # Past one row the GEMM wins: on an H100 it took 19-36 us at 8 rows where the matrix-vector kernel,
                 # which reads the weights once per row, took 92-240 (quantization/results/h100/gemm_bench.json).

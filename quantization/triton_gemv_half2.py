@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from quantization import triton_gemv
 from quantization.triton_gemv import (CONFIGS, MAX_GROUP, _after_previous_kernel, _channels, _launch,
                                       _scales_and_zeros, _store, _tile, _words, _words_of, int4_matvec_takes)
 
@@ -141,18 +142,42 @@ def pairs_of(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.cat([planes.reshape(M, -1), groups], dim=-1)
 
 
+# Off until it has been timed on a GPU; gpu_bench's "half2" configs turn it on (Int4Linear's "triton" backend, one row).
+ENABLED = False
+
+
 def int4_matvec_half2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, counters: torch.Tensor | None = None, config: dict | None = None,
-                      pdl: bool = False, pairs: torch.Tensor | None = None) -> torch.Tensor:
-    """triton_gemv.int4_matvec's contract (x [M, K], qweight uint8 [N, K/2], scales [N, G], zeros uint8 [N, G]);
-    pairs: pairs_of(x, group_size) if already made (several projections of one input share it)."""
-    M, K = x.shape
+                      pairs: torch.Tensor | None = None) -> torch.Tensor:
+    """triton_gemv.int4_matvec's contract (x [M, K], qweight uint8 [N, K/2], scales [N, G], zeros uint8 [N, G]), and
+    its launch (triton_gemv.use_pdl); pairs: pairs_of(x, group_size) if already made. pairs_of runs outside the
+    custom op, so that torch.compile can fuse it into the kernel that produced x."""
     if not int4_matvec_takes(group_size):
         raise ValueError(f"the f16x2 INT4 kernel takes group sizes that are powers of two from 8 to {MAX_GROUP} (got "
                          f"{group_size})")
-    y = torch.empty(M, qweight.shape[0], dtype=x.dtype, device=x.device)
     pairs = pairs_of(x, group_size) if pairs is None else pairs
+    if triton_gemv.AS_OP and x.is_cuda and config is None:
+        return torch.ops.llmip.int4_matvec_half2_op(x, pairs, qweight, scales, zeros, group_size, counters,
+                                                    triton_gemv.PDL)
+    return _int4_matvec_half2(x, pairs, qweight, scales, zeros, group_size, counters, config)
+
+
+def _int4_matvec_half2(x, pairs, qweight, scales, zeros, group_size, counters, config, pdl=False):
+    M, K = x.shape
+    y = torch.empty(M, qweight.shape[0], dtype=x.dtype, device=x.device)
     _launch(_tuned, _int4_half2_kernel, y, counters, config, (pairs, _words(qweight, 8), scales, zeros),
             (y.shape[1], K, K // 8, group_size), {"BLOCK_N": 16, "BLOCK_W": max(16, group_size // 8), "SPLIT": 1},
             pdl, ASM=x.is_cuda)
     return y
+
+
+@torch.library.custom_op("llmip::int4_matvec_half2_op", mutates_args=())  # as triton_gemv's ops (x: its shape)
+def _int4_matvec_half2_op(x: torch.Tensor, pairs: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                          zeros: torch.Tensor, group_size: int, counters: torch.Tensor | None,
+                          pdl: bool) -> torch.Tensor:
+    return _int4_matvec_half2(x, pairs, qweight, scales, zeros, group_size, counters, None, pdl)
+
+
+@_int4_matvec_half2_op.register_fake
+def _(x, pairs, qweight, scales, zeros, group_size, counters, pdl):
+    return x.new_empty(x.shape[0], qweight.shape[0])

@@ -61,7 +61,7 @@
 # (14:47); a21 (15:07) ran with the counters passed by address, which Inductor rejected (reverted). Next: a21 as it
 # is now, a17, a18. The session of 2026-12-07 16:25-19:25 added programmatic dependent launch: a22 (16:40), a25
 # (16:48, same machine), a26 (17:08) (carry .device-kit/smollm2-tok). Next: a27 (the f16x2 kernel, not yet run on a
-# GPU), a23 (70B with PDL), a24.
+# GPU: its tests, per projection, the 7B decode), a28 (70B, f16x2 and float32 kernels, with PDL), a24.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -333,8 +333,17 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
         # each projection at one row against our float32 kernel and tinygemm, and the cost of preparing x
     export TRITON_CACHE_AUTOTUNING=1
     run gpu_tests_gemv 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
-    run gemv_bench_half2 300 python -m quantization.gemm_bench --rows 1 --backends torch,triton,half2,half2-prep,int8 \
+    run gemv_bench_half2 200 python -m quantization.gemm_bench --rows 1 --backends torch,triton,half2,half2-prep,int8 \
       --shapes "q/o proj,down,qkv,gate|up,70b_qkv,70b_o,70b_gate|up,70b_down" --out "$OUT/gemv_bench_half2.json"
+    run quant_7b_half2 220 python -u -m quantization.gpu_bench --model llama2-7b --int4-head --configs \
+      int4:triton:compile:fused:pdl:half2,int4:triton:compile:fused:pdl --max-tokens 64 --repeats 2 \
+      --out "$OUT/quant_gpu_7b_half2.json"
+    ;;
+  a28)  # Llama-2-70B INT4 through the f16x2 kernel and through the float32 one, both with PDL
+    export TRITON_CACHE_AUTOTUNING=1
+    run quant_70b_half2 560 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
+      --configs int4:triton:compile:fused:pdl:half2,int4:triton:compile:fused:pdl --max-tokens 32 --repeats 2 \
+      --out "$OUT/quant_gpu_70b_half2.json"
     ;;
   a24)  # the 7B INT8 decode through our kernel, with and without PDL
     export TRITON_CACHE_AUTOTUNING=1
