@@ -135,7 +135,7 @@ def pairs_of(x: torch.Tensor, group_size: int) -> torch.Tensor:
     M, K = x.shape
     xf = x.float().view(M, K // group_size, group_size)
     exponent = torch.frexp(xf.abs().amax(-1))[1]  # largest |x| = m 2^exponent, m in [0.5, 1) (0 for a zero group)
-    scale = torch.ldexp(torch.ones_like(xf[..., 0]), 9 - exponent)
+    scale = torch.ldexp(torch.ones_like(xf[..., 0]), 9 - exponent.clamp(min=-100))  # (a finite scale for tiny x)
     x16 = (xf * scale[..., None]).to(torch.float16).view(M, K // 8, 2, 4)  # word j: x[8j..8j+3], x[8j+4..8j+7]
     planes = x16.transpose(-1, -2).contiguous().view(torch.int32).view(M, K // 8, 4).transpose(1, 2)
     groups = torch.cat([1.0 / scale, xf.sum(-1)], dim=-1).view(torch.int32)
