@@ -192,6 +192,12 @@ def int4_matvec_takes(group_size: int) -> bool:
     return 8 <= group_size <= MAX_GROUP and group_size & (group_size - 1) == 0
 
 
+def check_group_size(group_size: int) -> None:
+    if not int4_matvec_takes(group_size):
+        raise ValueError(f"the Triton INT4 matrix-vector kernels take group sizes that are powers of two from 8 to "
+                         f"{MAX_GROUP} (got {group_size})")
+
+
 def tuned_configs() -> dict[str, str]:
     """The config the tuner picked for each kernel and key (N, K[, GROUP], dtypes) so far in this process: for the
     benchmarks' records. A shape missing here was never tuned by Triton's autotuner (the interpreter, or a compiler
@@ -260,9 +266,7 @@ def int4_matvec(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
                 group_size: int, counters: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """x [M, K] (a few rows), qweight uint8 [N, K/2] (low nibble first), scales [N, G], zeros uint8 [N, G];
     counters and config as for int8_matvec."""
-    if not int4_matvec_takes(group_size):
-        raise ValueError(f"the Triton INT4 matrix-vector kernel takes group sizes that are powers of two from 8 to "
-                         f"{MAX_GROUP} (got {group_size})")
+    check_group_size(group_size)
     if AS_OP and x.is_cuda and config is None:
         return torch.ops.llmip.int4_matvec_op(x, qweight, scales, zeros, group_size, counters, PDL)
     return _int4_matvec(x, qweight, scales, zeros, group_size, counters, config)

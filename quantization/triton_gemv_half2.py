@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from quantization import triton_gemv
-from quantization.triton_gemv import (CONFIGS, MAX_GROUP, _after_previous_kernel, _channels, _launch,
-                                      _scales_and_zeros, _store, _tile, _words, _words_of, int4_matvec_takes)
+from quantization.triton_gemv import (CONFIGS, _after_previous_kernel, _channels, _launch, _scales_and_zeros, _store,
+                                      _tile, _words, _words_of, check_group_size)
 
 # One word: sum over its 8 codes of c x, from the f16x2 pairs p_i = (x[8j + i], x[8j + i + 4]) (low, high half).
 _DOT8 = tl.constexpr("""
@@ -152,9 +152,7 @@ def int4_matvec_half2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     """triton_gemv.int4_matvec's contract (x [M, K], qweight uint8 [N, K/2], scales [N, G], zeros uint8 [N, G]), and
     its launch (triton_gemv.use_pdl); pairs: pairs_of(x, group_size) if already made. pairs_of runs outside the
     custom op, so that torch.compile can fuse it into the kernel that produced x."""
-    if not int4_matvec_takes(group_size):
-        raise ValueError(f"the f16x2 INT4 kernel takes group sizes that are powers of two from 8 to {MAX_GROUP} (got "
-                         f"{group_size})")
+    check_group_size(group_size)
     pairs = pairs_of(x, group_size) if pairs is None else pairs
     if triton_gemv.AS_OP and x.is_cuda and config is None:
         return torch.ops.llmip.int4_matvec_half2_op(x, pairs, qweight, scales, zeros, group_size, counters,

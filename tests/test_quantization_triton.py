@@ -146,16 +146,15 @@ def test_triton_matvec_pdl_matches_plain_launch_on_gpu(half2):
     try:
         expected = model(x)
         torch.testing.assert_close(expected, reference, rtol=2e-2, atol=2e-2)
-        same = (lambda a, b: torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)) if half2 else \
-            (lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0))
+        tol = 1e-3 if half2 else 0.0
         triton_gemv.use_pdl(True)
         step = torch.compile(model, dynamic=False)
-        same(step(x), expected)
+        torch.testing.assert_close(step(x), expected, rtol=tol, atol=tol)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = step(x)
         graph.replay()
-        same(out, expected)
+        torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
     finally:
         triton_gemv.use_pdl(False)
         triton_gemv_half2.ENABLED = False
