@@ -32,7 +32,7 @@ import torch
 
 from core.errors import UserError, cli
 from core.measure import graph_replay_us
-from quantization.linear import Int4Linear, Int8Linear, set_backend
+from quantization.linear import MATVEC_MAX_ROWS, Int4Linear, Int8Linear, set_backend
 
 # name: (N, K); q|k|v and gate|up fused, as our engine and gpu_bench's "fused" configs serve them
 SHAPES_7B = {"q/o proj": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008), "qkv": (12288, 4096),
@@ -53,7 +53,8 @@ def forward(layer: torch.nn.Linear, q: Int4Linear, backend: str, x: torch.Tensor
         from quantization.triton_gemv_half2 import int4_matvec_half2, pairs_of
         if backend == "half2-prep":
             return pairs_of(x, q.group_size)
-        return int4_matvec_half2(x, q.qweight, q.scales, q.zeros, q.group_size, q.split_counters, pairs=pairs)
+        counters = q.split_counters if len(x) <= MATVEC_MAX_ROWS else None  # (None: made for this call)
+        return int4_matvec_half2(x, q.qweight, q.scales, q.zeros, q.group_size, counters, pairs=pairs)
     if backend == "int8":
         q8.backend = "triton"
         return q8(x)

@@ -137,7 +137,10 @@ def pairs_of(x: torch.Tensor, group_size: int) -> torch.Tensor:
     exponent = torch.frexp(xf.abs().amax(-1))[1]  # largest |x| = m 2^exponent, m in [0.5, 1) (0 for a zero group)
     scale = torch.ldexp(torch.ones_like(xf[..., 0]), 9 - exponent.clamp(min=-100))  # (a finite scale for tiny x)
     x16 = (xf * scale[..., None]).to(torch.float16).view(M, K // 8, 2, 4)  # word j: x[8j..8j+3], x[8j+4..8j+7]
-    planes = x16.transpose(-1, -2).contiguous().view(torch.int32).view(M, K // 8, 4).transpose(1, 2)
+    # Pair (x[8j + i], x[8j + i + 4]) as one int32, built with shifts: Inductor (torch 2.11) cannot lower a view from
+    # float16 to int32 of the strided tensors it picks, while a view to int16 (same size) is always allowed.
+    bits = x16.view(torch.int16).to(torch.int32)
+    planes = ((bits[:, :, 1] << 16) | (bits[:, :, 0] & 0xFFFF)).transpose(1, 2)  # [M, 4, K/8]
     groups = torch.cat([1.0 / scale, xf.sum(-1)], dim=-1).view(torch.int32)
     return torch.cat([planes.reshape(M, -1), groups], dim=-1)
 

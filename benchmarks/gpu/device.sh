@@ -339,6 +339,14 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       int4:triton:compile:fused:pdl:half2,int4:triton:compile:fused:pdl --max-tokens 64 --repeats 2 \
       --out "$OUT/quant_gpu_7b_half2.json"
     ;;
+  a29)  # a27 again after its two fixes (pairs_of without a float16-to-int32 view; gemm_bench's error check with
+        # counters for its rows): the f16x2 kernel's GPU tests, then the 7B decode with it and without
+    export TRITON_CACHE_AUTOTUNING=1
+    run gpu_tests_half2 120 python -m pytest -q -p no:cacheprovider -m gpu -k "half2 or pdl" tests/test_quantization_triton.py
+    run quant_7b_half2 300 python -u -m quantization.gpu_bench --model llama2-7b --int4-head --configs \
+      int4:triton:compile:fused:pdl:half2,int4:triton:compile:fused:pdl --max-tokens 64 --repeats 2 \
+      --out "$OUT/quant_gpu_7b_half2.json"
+    ;;
   a28)  # Llama-2-70B INT4 through the f16x2 kernel and through the float32 one, both with PDL
     export TRITON_CACHE_AUTOTUNING=1
     run quant_70b_half2 560 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
