@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -80,17 +81,19 @@ def quantized_bytes(q: Int4Linear, backend: str, q8: Int8Linear) -> int:
 
 @torch.no_grad()
 def max_errors(layer: torch.nn.Linear, q: Int4Linear, q8: Int8Linear) -> dict[str, float]:
-    """Per quantized backend, max |y - x @ W_deq^T| / max |x @ W_deq^T| over 4 rows (matrix-vector) and 64 (GEMM)."""
+    """Per quantized backend, max |y - x @ W_deq^T| / max |x @ W_deq^T| over 1 row (the matrix-vector kernels), 4 and
+    64 rows (the GEMM paths)."""
     errors = {}
     for backend in [b for b in BACKENDS[1:] if b != "half2-prep"]:  # half2-prep computes no product
         worst = 0.0
         try:
-            for rows in (4, 64):
+            for rows in (1, 4, 64):
                 x = torch.randn(rows, layer.in_features, device="cuda", dtype=torch.bfloat16)
                 w = (q8 if backend == "int8" else q).dequantized_weight()
                 ref = (x @ w.to(torch.bfloat16).T).float()
                 y = forward(layer, q, backend, x, q8).float()
-                worst = max(worst, ((y - ref).abs().max() / ref.abs().max()).item())
+                error = ((y - ref).abs().max() / ref.abs().max()).item()
+                worst = error if math.isnan(error) else max(worst, error)  # (max(0.0, nan) would say 0.0)
         except Exception:  # the timing below reports what failed
             worst = float("nan")
         errors[backend] = worst

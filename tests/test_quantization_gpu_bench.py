@@ -1,5 +1,6 @@
 """The GPU decode bench's code path on CPU: layer-by-layer quantized build, every config runs, JSON written."""
 import json
+import math
 
 import torch
 
@@ -45,3 +46,19 @@ def test_kernel_check_catches_a_wrong_layout():
     bad.qweight.copy_((bad.qweight << 4) | (bad.qweight >> 4))  # a layout bug: the two codes of each byte swapped
     q._kernel = bad._kernel_weights(torch.device("cpu"))
     assert kernel_error(q) > 0.3
+
+
+def test_kernel_check_covers_the_decode_row_and_nans():
+    """A kernel that is wrong only for one row (the decode's matrix-vector path), with a NaN, must not pass."""
+    from quantization.gpu_bench import kernel_error
+
+    class NanForOneRow(Int4Linear):
+        def forward(self, x):
+            y = super().forward(x)
+            if len(x) == 1:
+                y[..., 0] = float("nan")
+            return y
+
+    q = Int4Linear.from_linear(torch.nn.Linear(256, 64).to(torch.bfloat16), 64)
+    q.__class__ = NanForOneRow
+    assert math.isnan(kernel_error(q))

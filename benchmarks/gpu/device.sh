@@ -353,6 +353,21 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --configs int4:triton:compile:fused:pdl:half2,int4:triton:compile:fused:pdl --max-tokens 32 --repeats 2 \
       --out "$OUT/quant_gpu_70b_half2.json"
     ;;
+  a30)  # a28 cut to the device time a session has left after failed starts (about 8 minutes): the f16x2 config first,
+        # then the float32 one, each row written as it finishes. On an H100 (2026-12-07 19:08) the first config had
+        # not finished in 440 s (build, torch.compile of 80 layers, tuning): no row. Next: a31, one config per call.
+    export TRITON_CACHE_AUTOTUNING=1
+    run quant_70b_half2 440 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
+      --configs int4:triton:compile:fused:pdl:half2,int4:triton:compile:fused:pdl --max-tokens 32 --repeats 2 \
+      --out "$OUT/quant_gpu_70b_half2.json"
+    ;;
+  a31)  # the 70B INT4 decode with one config per call (gpu_bench now prints how long its build and warm-up take):
+        # CONFIG=int4:triton:compile:fused:pdl:half2 (the default, the f16x2 kernel) or int4:triton:compile:fused:pdl
+    export TRITON_CACHE_AUTOTUNING=1
+    config=${CONFIG:-int4:triton:compile:fused:pdl:half2}
+    run quant_70b_${config//:/_} 570 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
+      --configs "$config" --max-tokens 32 --repeats 2 --out "$OUT/quant_gpu_70b_${config//:/_}.json"
+    ;;
   a24)  # the 7B INT8 decode through our kernel, with and without PDL
     export TRITON_CACHE_AUTOTUNING=1
     run quant_7b_int8_pdl 400 python -u -m quantization.gpu_bench --model llama2-7b \
