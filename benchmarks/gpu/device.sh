@@ -346,6 +346,10 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     run quant_7b_half2 300 python -u -m quantization.gpu_bench --model llama2-7b --int4-head --configs \
       int4:triton:compile:fused:pdl:half2,int4:triton:compile:fused:pdl --max-tokens 64 --repeats 2 \
       --out "$OUT/quant_gpu_7b_half2.json"
+    # a27's and an earlier run's error checks gave exactly 0 for "triton" and "gemm" on 70b_gate|up, where the old
+    # check turned a NaN into 0: now it keeps NaNs and covers one row (the CPU interpreter, float32, finds it right)
+    run gemm_check_70b_gate_up 90 python -m quantization.gemm_bench --rows 1 --repeats 5 --shapes "70b_gate|up,gate|up" \
+      --backends triton,gemm,half2 --out "$OUT/gemm_check_70b_gate_up.json"
     ;;
   a28)  # Llama-2-70B INT4 through the f16x2 kernel and through the float32 one, both with PDL
     export TRITON_CACHE_AUTOTUNING=1
