@@ -62,6 +62,10 @@
 # is now, a17, a18. The session of 2026-12-07 16:25-19:25 added programmatic dependent launch: a22 (16:40), a25
 # (16:48, same machine), a26 (17:08) (carry .device-kit/smollm2-tok). Next: a27 (the f16x2 kernel, not yet run on a
 # GPU: its tests, per projection, the 7B decode), a28 (70B, f16x2 and float32 kernels, with PDL), a24.
+# The session of 2026-12-07 18:07-21:07: a27 (18:08, an H200; found two bugs, fixed); no machine for 40 minutes;
+# a30 (19:08, an H100: no row in 440 s). Next, in this order: CONFIG unset a31 (the 70B through the f16x2 kernel),
+# a29 (the fixed kernel's tests, the 7B with and without it, the GEMM check), CONFIG=int4:triton:compile:fused:pdl
+# a31, a24.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
