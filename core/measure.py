@@ -1,7 +1,8 @@
-"""Measuring helpers: peak memory of a piece of work (device memory on a GPU, resident set size on a CPU), and the
-GPU time of a CUDA-graph replay."""
+"""Measuring helpers: peak memory of a piece of work (device memory on a GPU, resident set size on a CPU), the GPU
+time of a CUDA-graph replay, and the worst of several error checks."""
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import resource
@@ -13,6 +14,13 @@ from typing import Any, Callable
 import torch
 
 from core.errors import UserError
+
+
+def worst_error(errors) -> float:
+    """The largest of these errors (floats or 0-dim tensors), NaN if any is NaN: Python's max(0.0, nan) is 0.0, and
+    a kernel or path that returns NaNs must not pass a check as exact."""
+    errors = [float(e) for e in errors]
+    return math.nan if any(math.isnan(e) for e in errors) else max(errors)
 
 
 def peak_rss_mb() -> float:

@@ -68,6 +68,7 @@ def check_against_reference_path(lm, torch_compile: bool = False) -> float:
     import torch
 
     from core.generate import SamplingParams
+    from core.measure import worst_error
     from engines.ours import LLM
 
     prompts = [p[:8 + 5 * i] for i, p in enumerate(random_prompts(8, 48, lm.model.config.vocab_size, seed=2))]
@@ -87,7 +88,7 @@ def check_against_reference_path(lm, torch_compile: bool = False) -> float:
         errors.append((a - b).abs().max() / a.abs().max())
         if not torch.equal(a.argmax(-1), b.argmax(-1)):
             break
-    return torch.stack(errors).max().item()  # (torch's max keeps a NaN from a broken path; Python's may drop it)
+    return worst_error(errors)
 
 
 FAST_TO_SAFE = ("cuda graphs + triton", "eager + triton", "eager + gather")

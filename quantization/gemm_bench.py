@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from core.errors import UserError, cli
-from core.measure import graph_replay_us
+from core.measure import graph_replay_us, worst_error
 from quantization.linear import MATVEC_MAX_ROWS, Int4Linear, Int8Linear, set_backend
 
 # name: (N, K); q|k|v and gate|up fused, as our engine and gpu_bench's "fused" configs serve them
@@ -85,15 +84,15 @@ def max_errors(layer: torch.nn.Linear, q: Int4Linear, q8: Int8Linear) -> dict[st
     64 rows (the GEMM paths)."""
     errors = {}
     for backend in [b for b in BACKENDS[1:] if b != "half2-prep"]:  # half2-prep computes no product
-        worst = 0.0
         try:
+            row_errors = []
             for rows in (1, 4, 64):
                 x = torch.randn(rows, layer.in_features, device="cuda", dtype=torch.bfloat16)
                 w = (q8 if backend == "int8" else q).dequantized_weight()
                 ref = (x @ w.to(torch.bfloat16).T).float()
                 y = forward(layer, q, backend, x, q8).float()
-                error = ((y - ref).abs().max() / ref.abs().max()).item()
-                worst = error if math.isnan(error) else max(worst, error)  # (max(0.0, nan) would say 0.0)
+                row_errors.append((y - ref).abs().max() / ref.abs().max())
+            worst = worst_error(row_errors)
         except Exception:  # the timing below reports what failed
             worst = float("nan")
         errors[backend] = worst
@@ -123,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     rows_list = [int(r) for r in args.rows.split(",")]
     import triton
 
+    from quantization import triton_gemv_half2
     from quantization.triton_gemv import tuned_configs
     device_name = torch.cuda.get_device_name()
     result = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
@@ -140,10 +140,7 @@ def main(argv: list[str] | None = None) -> None:
               + ", ".join(f"{b} {e:.1e}" for b, e in errors.items()), flush=True)
         for M in rows_list:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            pairs = None
-            if "half2" in backends:
-                from quantization.triton_gemv_half2 import pairs_of
-                pairs = pairs_of(x, q.group_size)
+            pairs = triton_gemv_half2.pairs_of(x, q.group_size) if "half2" in backends else None
             for backend in backends:
                 row = {"shape": name, "N": N, "K": K, "M": M, "backend": backend}
                 try:
@@ -157,7 +154,6 @@ def main(argv: list[str] | None = None) -> None:
                 result["rows"].append(row)
             result["matvec_tuned_configs"] = tuned_configs()
             if "half2" in backends:
-                from quantization import triton_gemv_half2
                 result["matvec_tuned_configs"].update(triton_gemv_half2.tuned_configs())
             if args.out:  # after every row count: a run cut short still leaves what it measured
                 args.out.write_text(json.dumps(result, indent=2))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from core.bench_decode import copy_bandwidth_gbs, sync
 from core.errors import UserError, cli
 from core.generate import SamplingParams, generate
 from core.loading import LoadedModel, load_model, resolve_device
-from core.measure import gpu_peak_mb
+from core.measure import gpu_peak_mb, worst_error
 from core.model import DecoderLayer, Transformer
 from core.registry import REGISTRY
 from quantization.linear import (LAYER_LINEARS, Int4Linear, pick_group_size, quantize_embeddings, quantize_linear,
@@ -103,7 +102,7 @@ def build(model_name: str, device: str, precision: str, backend: str, group_size
                 m.use_kernel_only()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    return lm, max(errors, key=lambda e: (math.isnan(e), e))
+    return lm, worst_error(errors)
 
 
 def finish(lm: LoadedModel, fused: bool) -> LoadedModel:
@@ -128,7 +127,7 @@ def kernel_error(q: torch.nn.Module) -> float:
         x = torch.randn(rows, q.in_features, device=w.device, dtype=torch.bfloat16)
         ref = x.float() @ w.float().T + (0 if q.bias is None else q.bias.float())
         errors.append((q(x).float() - ref).norm() / ref.norm())
-    return torch.stack(errors).max().item()  # (torch's max keeps a NaN, Python's may drop it)
+    return worst_error(errors)
 
 
 def decode_ms(lm, prompt_len: int, max_tokens: int, repeats: int, cuda_graph: bool,

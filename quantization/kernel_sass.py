@@ -4,10 +4,10 @@ A matrix-vector product at batch 1 reads each weight once, so a kernel can only 
 few instructions per weight: an H100 moves about 6e12 INT4 weights a second and issues about 3e13 thread
 instructions a second, so 5 instructions per weight is already the whole instruction budget. This compiles
 triton_gemm.py's two GEMM kernels (plain: scale and zero applied to every weight; factored: once per group) and
-triton_gemv.py's matrix-vector kernels (gemv4, gemv8) and triton_gemv_half2.py's (gemv4h2) for sm_90 with Triton's own
-ptxas, disassembles them with its nvdisasm, and counts the instructions of the K loop (the longest backward branch)
-per weight a thread handles, by opcode. Counting is not timing: memory stalls and the tensor cores' throughput are not in it (gemm_tiles.py and
-gemm_bench.py time the kernels on a GPU).
+triton_gemv.py's matrix-vector kernels (gemv4, gemv8) and triton_gemv_half2.py's (gemv4h2) for sm_90 with Triton's
+own ptxas, disassembles them with its nvdisasm, and counts the instructions of the K loop (the longest backward
+branch) per weight a thread handles, by opcode. Counting is not timing: memory stalls and the tensor cores'
+throughput are not in it (gemm_tiles.py and gemm_bench.py time the kernels on a GPU).
 
     python -m quantization.kernel_sass                       # one row: BLOCK_M 16, a few tile shapes
 """
