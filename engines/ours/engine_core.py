@@ -62,6 +62,7 @@ class ProcessLLMEngine:
         self._send_lock = threading.Lock()  # handlers and shutdown may send at the same time
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
+        self._outputs_ended = False  # set by the reader once the process's output pipe has closed
         try:
             first = self._receive()
         except BaseException:  # Ctrl-C while the model loads: do not leave the child behind
@@ -94,7 +95,9 @@ class ProcessLLMEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._process.is_alive() and self._reader.is_alive()
+        # The flag first: a killed process closes its pipe a moment before is_alive() says it is gone, and the
+        # reader thread lives on while it fails the open requests; /health must not answer 200 in between.
+        return not self._outputs_ended and self._process.is_alive() and self._reader.is_alive()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
                        ) -> AsyncIterator[RequestOutput]:
@@ -155,6 +158,7 @@ class ProcessLLMEngine:
                     put_threadsafe(stream.loop, stream.queue, (UserError if user_error else RuntimeError)(text))
             else:  # "stats", sent when the engine goes idle
                 self.metrics.record_stats(message[1])
+        self._outputs_ended = True
         reason = "the server is shutting down" if self._stopping else \
             f"the engine process stopped (exit code {self._process.exitcode})"
         for request_id in list(self._streams):
