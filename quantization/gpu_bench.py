@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         row["peak_gpu_mb"] = gpu_peak_mb(device)
         row["wall_s"] = time.perf_counter() - t0
         if backend == "triton" and device.type == "cuda":  # cumulative over this run's configs
-            from quantization.triton_gemv import tuned_configs
-            row["matvec_tuned_configs"] = tuned_configs()
+            from quantization import triton_gemv, triton_gemv_half2
+            row["matvec_tuned_configs"] = {**triton_gemv.tuned_configs(), **triton_gemv_half2.tuned_configs()}
         rows.append(row)
         if args.out:  # after every row: a run cut short still leaves what it measured
             args.out.write_text(json.dumps({"device": device_name, "copy_bandwidth_gbs": bandwidth,

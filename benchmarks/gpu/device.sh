@@ -65,7 +65,8 @@
 # The session of 2026-12-07 18:07-21:07: a27 (18:08, an H200; found two bugs, fixed); no machine for 40 minutes;
 # a30 (19:08, an H100: no row in 440 s). Next, in this order: CONFIG unset a31 (the 70B through the f16x2 kernel),
 # a29 (the fixed kernel's tests, the 7B with and without it, the GEMM check), CONFIG=int4:triton:compile:fused:pdl
-# a31, a24.
+# a31, a24. From the session of 2026-12-07 20:45 on (no machine was lent to it), each call also carries the compile
+# cache the call before it returned: cp <files_at>/compile-cache.tar.xz .device-kit/ (see CACHE below).
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -109,6 +110,24 @@ export PYTHONPATH=/root/wheels:/root/sharegpt HF_HUB_OFFLINE=1
 if [ -d /root/vk/site ]; then export PYTHONPATH=$PYTHONPATH:/root/vk/site VLLM_USE_FLASHINFER_SAMPLER=0; fi
 if [ -e "$GGUF" ]; then export LLMIP_SMOLLM2_GGUF=$GGUF; fi
 export NCCL_NVLS_ENABLE=0
+# Compiled kernels and tuning results outlive the machine: every call leaves Triton's and Inductor's caches in
+# $OUT/compile-cache.tar.xz, and the next call that carries it (copied to .device-kit/compile-cache.tar.xz) starts
+# warm. A fresh machine otherwise spends minutes compiling before it measures anything: the 70B decode's build,
+# torch.compile of 80 layers and kernel tuning outran 440 s on 2026-12-07. Both caches key on the kernel source,
+# the compiler versions and the GPU's architecture, so a stale or foreign entry is never used, only recompiled.
+CACHE=/root/compile-cache
+export TRITON_CACHE_DIR=$CACHE/triton TORCHINDUCTOR_CACHE_DIR=$CACHE/inductor
+export TRITON_CACHE_AUTOTUNING=1  # the tuner's picks are cached too (and gemm_bench's are reused by gpu_bench)
+if [ -e .device-kit/compile-cache.tar.xz ] && [ ! -d $CACHE ]; then
+  mkdir -p $CACHE && xz -d -T0 < .device-kit/compile-cache.tar.xz | tar xf - -C $CACHE && du -sh $CACHE
+fi
+save_compile_cache() {  # files come back from $OUT only up to 16 MiB each
+  [ -d $CACHE ] || return 0
+  tar cf - -C $CACHE . 2>/dev/null | xz -1 -T0 > "$OUT/compile-cache.tar.xz"
+  local mib=$(( $(stat -c %s "$OUT/compile-cache.tar.xz") >> 20 ))
+  if [ "$mib" -ge 16 ]; then rm "$OUT/compile-cache.tar.xz"; echo "compile cache: $mib MiB, too large to come back"; fi
+}
+trap save_compile_cache EXIT
 WORKLOAD=.device-kit/workload-1024x512.json   # ShareGPT workload split, saved on a CPU machine by the case study
 [ -e "$WORKLOAD" ] && cp "$WORKLOAD" /root/models/ ; WORKLOAD=/root/models/workload-1024x512.json
 
@@ -281,7 +300,6 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     ;;
   a19)  # triton_gemv.py with split-K and codes made floats against 1.0 (no subtraction per weight): each projection
         # of 7B and 70B at one row against tinygemm and BF16, the GPU tests, then the 7B INT4 decode through it
-    export TRITON_CACHE_AUTOTUNING=1
     run gemv_bench_split 260 python -m quantization.gemm_bench --rows 1 --backends bf16,torch,triton,int8 \
       --shapes "q/o proj,gate/up,down,qkv,gate|up,70b_qkv,70b_o,70b_gate|up,70b_down" --out "$OUT/gemv_bench_split.json"
     run gpu_tests_gemv 120 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
@@ -291,13 +309,11 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     ;;
   a20)  # a19's 7B decode (cut at 280 s with nothing in its log: block-buffered output): unbuffered, the kernels in a
         # CUDA graph first, tinygemm's baseline on the same machine, then both kernels under torch.compile
-    export TRITON_CACHE_AUTOTUNING=1
     run quant_7b_gemv_int4 560 python -u -m quantization.gpu_bench --model llama2-7b --int4-head \
       --configs int4:triton:fused,int4:torch:compile:fused,int4:triton:compile:fused --max-tokens 64 --repeats 2 \
       --out "$OUT/quant_gpu_7b_gemv_int4.json"
     ;;
   a21)  # the compiled 7B decode through our INT4 kernel alone, then Llama-2-70B INT4 through the same kernels
-    export TRITON_CACHE_AUTOTUNING=1
     run quant_7b_gemv_int4 200 python -u -m quantization.gpu_bench --model llama2-7b --int4-head \
       --configs int4:triton:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_gemv_int4_compiled.json"
     run quant_70b_gemv 340 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
@@ -305,20 +321,17 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     ;;
   a22)  # programmatic dependent launch (PDL): the GPU tests, then the 7B INT4 decode through our kernel and through
         # tinygemm, each with and without PDL (ours: custom ops launched with PDL; torch.compile's kernels PDL-aware)
-    export TRITON_CACHE_AUTOTUNING=1
     run gpu_tests_gemv 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
     run quant_7b_pdl 420 python -u -m quantization.gpu_bench --model llama2-7b --int4-head --configs \
       int4:triton:compile:fused,int4:triton:compile:fused:pdl,int4:torch:compile:fused:pdl,int4:torch:compile:fused \
       --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_pdl.json"
     ;;
   a23)  # Llama-2-70B INT4 through our kernel with PDL, then without
-    export TRITON_CACHE_AUTOTUNING=1
     run quant_70b_pdl 560 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
       --configs int4:triton:compile:fused:pdl,int4:triton:compile:fused --max-tokens 32 --repeats 2 \
       --out "$OUT/quant_gpu_70b_pdl.json"
     ;;
   a25)  # a22's baseline (our INT4 kernel without PDL), which failed there, with PDL again, then the INT8 of a24
-    export TRITON_CACHE_AUTOTUNING=1
     run quant_7b_pdl 330 python -u -m quantization.gpu_bench --model llama2-7b --int4-head --configs \
       int4:triton:compile:fused,int4:triton:compile:fused:pdl,int4:torch:compile:fused \
       --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_pdl2.json"
@@ -328,14 +341,12 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     ;;
   a26)  # what PDL is worth alone: our INT4 kernel as a custom op without PDL (a25's plain row was launched by
         # torch.compile itself, tuned its own way), then with it, on one machine
-    export TRITON_CACHE_AUTOTUNING=1
     run quant_7b_op 300 python -u -m quantization.gpu_bench --model llama2-7b --int4-head --configs \
       int4:triton:compile:fused:op,int4:triton:compile:fused:pdl --max-tokens 64 --repeats 2 \
       --out "$OUT/quant_gpu_7b_op.json"
     ;;
   a27)  # triton_gemv_half2.py (f16x2 arithmetic, 2.8-3.1 instructions per weight against 4.0-4.7): its GPU tests, then
         # each projection at one row against our float32 kernel and tinygemm, and the cost of preparing x
-    export TRITON_CACHE_AUTOTUNING=1
     run gpu_tests_gemv 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
     run gemv_bench_half2 200 python -m quantization.gemm_bench --rows 1 --backends torch,triton,half2,half2-prep,int8 \
       --shapes "q/o proj,down,qkv,gate|up,70b_qkv,70b_o,70b_gate|up,70b_down" --out "$OUT/gemv_bench_half2.json"
@@ -345,7 +356,6 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     ;;
   a29)  # a27 again after its two fixes (pairs_of without a float16-to-int32 view; gemm_bench's error check with
         # counters for its rows): the f16x2 kernel's GPU tests, then the 7B decode with it and without
-    export TRITON_CACHE_AUTOTUNING=1
     run gpu_tests_half2 120 python -m pytest -q -p no:cacheprovider -m gpu -k "half2 or pdl" tests/test_quantization_triton.py
     run quant_7b_half2 300 python -u -m quantization.gpu_bench --model llama2-7b --int4-head --configs \
       int4:triton:compile:fused:pdl:half2,int4:triton:compile:fused:pdl --max-tokens 64 --repeats 2 \
@@ -356,7 +366,6 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --backends triton,gemm,half2 --out "$OUT/gemm_check_70b_gate_up.json"
     ;;
   a28)  # Llama-2-70B INT4 through the f16x2 kernel and through the float32 one, both with PDL
-    export TRITON_CACHE_AUTOTUNING=1
     run quant_70b_half2 560 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
       --configs int4:triton:compile:fused:pdl:half2,int4:triton:compile:fused:pdl --max-tokens 32 --repeats 2 \
       --out "$OUT/quant_gpu_70b_half2.json"
@@ -364,27 +373,23 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
   a30)  # a28 cut to the device time a session has left after failed starts (about 8 minutes): the f16x2 config first,
         # then the float32 one, each row written as it finishes. On an H100 (2026-12-07 19:08) the first config had
         # not finished in 440 s (build, torch.compile of 80 layers, tuning): no row. Next: a31, one config per call.
-    export TRITON_CACHE_AUTOTUNING=1
     run quant_70b_half2 440 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
       --configs int4:triton:compile:fused:pdl:half2,int4:triton:compile:fused:pdl --max-tokens 32 --repeats 2 \
       --out "$OUT/quant_gpu_70b_half2.json"
     ;;
   a31)  # the 70B INT4 decode with one config per call (gpu_bench now prints how long its build and warm-up take):
         # CONFIG=int4:triton:compile:fused:pdl:half2 (the default, the f16x2 kernel) or int4:triton:compile:fused:pdl
-    export TRITON_CACHE_AUTOTUNING=1
     config=${CONFIG:-int4:triton:compile:fused:pdl:half2}
-    run quant_70b_${config//:/_} 570 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
+    run quant_70b_${config//:/_} 560 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
       --configs "$config" --max-tokens 32 --repeats 2 --out "$OUT/quant_gpu_70b_${config//:/_}.json"
     ;;
   a24)  # the 7B INT8 decode through our kernel, with and without PDL
-    export TRITON_CACHE_AUTOTUNING=1
     run quant_7b_int8_pdl 400 python -u -m quantization.gpu_bench --model llama2-7b \
       --configs int8:triton:compile:fused:pdl,int8:triton:compile:fused --max-tokens 64 --repeats 2 \
       --out "$OUT/quant_gpu_7b_int8_pdl.json"
     ;;
   a16)  # triton_gemv.py's word-wide kernels (codes made floats by bit tricks, the next K tile loaded before this one's
         # math): each projection at one row against tinygemm and BF16, their GPU tests, then the 7B INT4 decode
-    export TRITON_CACHE_AUTOTUNING=1  # gemm_bench's tuning is reused by gpu_bench: the same shapes and configs
     run gemv_bench 150 python -m quantization.gemm_bench --rows 1,4 --backends bf16,torch,triton,int8 \
       --out "$OUT/gemv_bench.json"
     run gpu_tests_gemv 45 python -m pytest -q -p no:cacheprovider -m gpu tests/test_quantization_triton.py
@@ -392,14 +397,12 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --configs int4:triton:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_gemv_int4.json"
     ;;
   a17)  # a16's INT8 decode, and its baseline on the same machine: tinygemm, compiled, q|k|v and gate|up fused
-    export TRITON_CACHE_AUTOTUNING=1
     run quant_7b_gemv_int8 190 python -m quantization.gpu_bench --model llama2-7b \
       --configs int8:triton:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_gemv_int8.json"
     run quant_7b_tinygemm 190 python -m quantization.gpu_bench --model llama2-7b --int4-head \
       --configs int4:torch:compile:fused --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_tinygemm.json"
     ;;
   a18)  # Llama-2-70B INT4 at batch 1 through triton_gemv.py's kernel, and tinygemm's, on one GPU
-    export TRITON_CACHE_AUTOTUNING=1
     run quant_70b_gemv 300 python -m quantization.gpu_bench --model llama2-70b --int4-head \
       --configs int4:triton:compile:fused --max-tokens 32 --repeats 2 --out "$OUT/quant_gpu_70b_gemv.json"
     run quant_70b_tinygemm 280 python -m quantization.gpu_bench --model llama2-70b --int4-head \
