@@ -39,11 +39,25 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def cpu_name() -> str:
+    """The CPU's model name and its widest vector/matrix extensions ("Intel(R) Xeon(R) Processor [avx2 avx512f amx_bf16
+    ...]"): CPU timings differ by vendor and ISA as much as by speed (MKL's and oneDNN's GEMMs rank differently on each),
+    so a result says which CPU it came from."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    return f"{name} [{' '.join(isa)}]" if isa else name
+
+
 def machine_info() -> dict:
     """Where and with what a result was measured."""
     import psutil
     import torch
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    info = {"platform": platform.platform(), "processor": cpu_name(),
             "cpu_count": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmarks.results import machine_info
 from core.__main__ import add_model_args
 from core.cpu_linear import PackedLinear
 from core.data import conversations
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
               "heads_draft_vocab": vocab_sizes,
               "max_tokens": args.max_tokens, "num_prompts_per_kind": args.num_prompts,
               "prompts": "ShareGPT evaluation split", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "results": {}}
+              "machine": machine_info(), "results": {}}
     for kind in prompts:
         plain_runs = runs[kind]["plain"]
         plain_s, plain_tokens = sum(r["decode_s"] for r in plain_runs), sum(r["tokens"] for r in plain_runs)

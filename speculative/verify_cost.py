@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.results import machine_info
 from core.__main__ import add_model_args
 from core.cpu_linear import can_pack, pack_linears
 from core.errors import cli
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{T:>16}" + "".join(f"{t[T] * 1e3:>20.2f}{t[T] / t[1]:>11.2f}" for t in results.values()))
     if args.out:
         args.out.write_text(json.dumps({"model": lm.label, "device": str(device), "threads": torch.get_num_threads(),
+                                        "machine": machine_info(),
                                         "seconds": {name: {str(T): s for T, s in t.items()}
                                                     for name, t in results.items()}}, indent=2))
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.results import machine_info
 from core.errors import UserError, cli
 from core.loading import find_model_dir, load_model
 from core.model import Transformer
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {"model": args.model, "engine": "vllm", "device": device, "dtype": dtype, "max_tokens": args.max_tokens,
               "num_speculative_tokens": k, "prompts": "ShareGPT evaluation split" if not args.prompts else args.prompts,
               "enforce_eager": args.enforce_eager, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "results": {}}
+              "machine": machine_info(), "results": {}}
     print(f"\nvLLM, {args.model} [trained weights, {dtype}, {device}], batch 1, greedy, {args.max_tokens} new tokens, "
           f"k={k}, {len(texts)} prompts ({', '.join(kinds)})")
     head = f"{'kind':<6}{'method':<10}{'tok/s':>8}{'speed-up':>9}{'same as no speculation':>24}"
