@@ -127,6 +127,15 @@ def test_verify_cost_times_every_pass_size(tiny):
     assert list(times) == [1, 5] and all(t > 0 for t in times.values())
 
 
+def test_verify_cost_drift_is_rounding_only_in_float32(tiny):
+    """A pass of T tokens computes what T one-token steps compute, up to float32 rounding (a pass that let a token
+    see the ones after it, or a cache written at the wrong positions, would differ by whole logits)."""
+    from speculative.verify_cost import pass_drift
+
+    drift = pass_drift(tiny.model, [1, 5, 9], context=16)
+    assert drift[1] == 0.0 and 0.0 <= drift[5] < 1e-4 and 0.0 <= drift[9] < 1e-4
+
+
 @pytest.mark.parametrize("method,min_acceptance", [("int8", 0.75), ("int4", 0.3)])
 def test_quantized_target_as_draft(smollm, method, min_acceptance):
     """The target's own INT8 / INT4 copy drafts for it: greedy output is plain greedy's, and the draft agrees with
