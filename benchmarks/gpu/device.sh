@@ -65,8 +65,10 @@
 # The session of 2026-12-07 18:07-21:07: a27 (18:08, an H200; found two bugs, fixed); no machine for 40 minutes;
 # a30 (19:08, an H100: no row in 440 s). Next, in this order: CONFIG unset a31 (the 70B through the f16x2 kernel),
 # a29 (the fixed kernel's tests, the 7B with and without it, the GEMM check), CONFIG=int4:triton:compile:fused:pdl
-# a31, a24. From the session of 2026-12-07 20:45 on (no machine was lent to it), each call also carries the compile
-# cache the call before it returned: cp <files_at>/compile-cache.tar.xz .device-kit/ (see CACHE below).
+# a31, a24. The session of 2026-12-07 20:45-23:45 got one H100 after about ten tries: a31 (22:31, 17.55 ms/token)
+# and a29 (22:38), back to back. Next: CONFIG=int4:triton:compile:fused:pdl a31, a24, then ev (vLLM's speculative
+# decoding). Each call carries the compile cache the call before it returned: cp <files_at>/compile-cache.tar.xz
+# .device-kit/ (see CACHE below; a29's, 204 MB of caches, was 15.3 MiB at xz -1, 9.1 MiB at -6, which the script now uses).
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
@@ -123,7 +125,7 @@ if [ -e .device-kit/compile-cache.tar.xz ] && [ ! -d $CACHE ]; then
 fi
 save_compile_cache() {  # files come back from $OUT only up to 16 MiB each
   [ -d $CACHE ] || return 0
-  tar cf - -C $CACHE . 2>/dev/null | xz -1 -T0 > "$OUT/compile-cache.tar.xz"
+  tar cf - -C $CACHE . 2>/dev/null | xz -6 -T0 > "$OUT/compile-cache.tar.xz"
   local mib=$(( $(stat -c %s "$OUT/compile-cache.tar.xz") >> 20 ))
   if [ "$mib" -ge 16 ]; then rm "$OUT/compile-cache.tar.xz"; echo "compile cache: $mib MiB, too large to come back"; fi
 }
