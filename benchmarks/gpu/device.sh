@@ -68,7 +68,7 @@
 # a31, a24. The session of 2026-12-07 20:45-23:45 got one H100 after about ten tries: a31 (22:31, 17.55 ms/token)
 # and a29 (22:38), back to back. Next: CONFIG=int4:triton:compile:fused:pdl a31, a24, then ev (vLLM's speculative
 # decoding). Each call carries the compile cache the call before it returned: cp <files_at>/compile-cache.tar.xz
-# .device-kit/ (see CACHE below; a29's, 204 MB of caches, was 15.3 MiB at xz -1, 9.1 MiB at -6, which the script now uses).
+# .device-kit/ (see CACHE below; a29's, 204 MB of caches, was 15.3 MiB at xz -1, 9.1 MiB at -6, which it now uses).
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
 #  starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0 annotated-types==0.8.0;
