@@ -138,14 +138,17 @@ def decode_ms(lm, prompt_len: int, max_tokens: int, repeats: int, cuda_graph: bo
     prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     t0 = time.perf_counter()
-    generate(lm.model, [prompt], SamplingParams(max_tokens=8, ignore_eos=True), cuda_graph=cuda_graph,
-             compile=compile)  # warm-up (and compilation)
+    # The warm-up takes as many tokens as the timed runs: the KV cache is sized prompt + max_tokens, and
+    # torch.compile (static shapes) compiles again for every other size (a 70B run once spent ~3 minutes on that).
+    generate(lm.model, [prompt], params, cuda_graph=cuda_graph, compile=compile)  # warm-up (and compilation)
     progress(f"warm-up{' and torch.compile' if compile else ''}{' and CUDA graph' if cuda_graph else ''}", t0)
     per_token = []
-    for _ in range(repeats):
+    for i in range(repeats):
         sync(device)
+        t0 = time.perf_counter()
         result = generate(lm.model, [prompt], params, cuda_graph=cuda_graph, compile=compile)
         per_token.append(statistics.median(result.token_times_s))
+        progress(f"timed run {i + 1}", t0)
     return statistics.median(per_token) * 1e3, result.tokens[0]
 
 
