@@ -380,7 +380,8 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --out "$OUT/quant_gpu_70b_half2.json"
     ;;
   a31)  # the 70B INT4 decode with one config per call (gpu_bench now prints how long its build and warm-up take):
-        # CONFIG=int4:triton:compile:fused:pdl:half2 (the default, the f16x2 kernel) or int4:triton:compile:fused:pdl
+        # CONFIG=int4:triton:compile:fused:pdl:half2 (the default, the f16x2 kernel) or int4:triton:compile:fused:pdl.
+        # The default on an H100 (2026-12-07 22:31): 17.55 ms/token, 69% of copy bandwidth, in 429 s of wall time.
     config=${CONFIG:-int4:triton:compile:fused:pdl:half2}
     run quant_70b_${config//:/_} 560 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
       --configs "$config" --max-tokens 32 --repeats 2 --out "$OUT/quant_gpu_70b_${config//:/_}.json"
