@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     rows_list = [int(r) for r in args.rows.split(",")]
     import triton
 
-    from quantization import triton_gemv_half2
-    from quantization.triton_gemv import tuned_configs
+    from quantization import triton_gemv, triton_gemv_half2
     device_name = torch.cuda.get_device_name()
     result = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
               "group_size": args.group_size, "note": "random weights: speed only", "errors": {}, "rows": []}
@@ -152,9 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                 except Exception as e:  # a kernel missing in this torch build, a compiler failure: say so, go on
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 result["rows"].append(row)
-            result["matvec_tuned_configs"] = tuned_configs()
-            if "half2" in backends:
-                result["matvec_tuned_configs"].update(triton_gemv_half2.tuned_configs())
+            result["matvec_tuned_configs"] = {**triton_gemv.tuned_configs(), **triton_gemv_half2.tuned_configs()}
             if args.out:  # after every row count: a run cut short still leaves what it measured
                 args.out.write_text(json.dumps(result, indent=2))
         torch.cuda.empty_cache()
