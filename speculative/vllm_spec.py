@@ -201,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
                                  # vLLM drafts one token per head
                                  "num_speculative_tokens": min(k, len(heads.blocks))}
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    header = {"model": args.model, "engine": "vllm", "device": device, "dtype": dtype, "max_tokens": args.max_tokens,
+              "num_speculative_tokens": k, "prompts": "ShareGPT evaluation split" if not args.prompts else args.prompts,
+              "enforce_eager": args.enforce_eager, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": machine_info()}
     results = {}
     for name, spec in configs.items():
         print(f"vLLM, speculative method: {name} ...", flush=True)
@@ -208,47 +213,54 @@ def main(argv: list[str] | None = None) -> None:
                                             args.max_model_len, args.enforce_eager)
         if "error" in results[name]:
             print(f"  failed: {results[name]['error']}")
-    base = results["none"]
-    if "error" in base:
-        raise UserError(f"vLLM without speculation failed: {base['error']}")
+        if name == "none" and "error" in results[name]:
+            raise UserError(f"vLLM without speculation failed: {results[name]['error']}")
+        report = {**header, **summarize(results, work, kinds)}
+        if args.out:  # after every engine: a run cut short still leaves the methods it finished
+            Path(args.out).write_text(json.dumps(report, indent=2))
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    report = {"model": args.model, "engine": "vllm", "device": device, "dtype": dtype, "max_tokens": args.max_tokens,
-              "num_speculative_tokens": k, "prompts": "ShareGPT evaluation split" if not args.prompts else args.prompts,
-              "enforce_eager": args.enforce_eager, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": machine_info(), "results": {}}
     print(f"\nvLLM, {args.model} [trained weights, {dtype}, {device}], batch 1, greedy, {args.max_tokens} new tokens, "
           f"k={k}, {len(texts)} prompts ({', '.join(kinds)})")
     head = f"{'kind':<6}{'method':<10}{'tok/s':>8}{'speed-up':>9}{'same as no speculation':>24}"
     print(head + "\n" + "-" * len(head))
     for kind in kinds:
+        for name, row in report["results"][kind].items():
+            if "error" in row:
+                continue
+            print(f"{kind:<6}{name:<10}{row['output_throughput']:>8.1f}{row['speedup']:>8.2f}x"
+                  f"{'yes' if row['identical_to_plain'] else 'NO':>24}")
+    print("\nvLLM's acceptance counters over all prompts:")
+    for name, row in report["results"].get("all", {}).items():
+        print(f"  {name:<8} {row['mean_accepted_tokens_per_step']:.2f} tokens per step, acceptance per position "
+              + " ".join(f"{a:.2f}" for a in row["acceptance_rate_per_pos"]))
+    if args.out:
+        print(f"JSON: {args.out}")
+
+
+def summarize(results: dict[str, dict], work: list[tuple[str, str]], kinds) -> dict:
+    """Per kind and method: tokens/s, speed-up over no speculation, greedy identity; vLLM's counters over all."""
+    base = results["none"]
+    out: dict = {"results": {}}
+    for kind in kinds:
         idx = [i for i, (kd, _) in enumerate(work) if kd == kind]
         base_s = sum(base["seconds"][i] for i in idx)
         for name, r in results.items():
             if "error" in r:
-                report["results"].setdefault(kind, {})[name] = {"error": r["error"]}
+                out["results"].setdefault(kind, {})[name] = {"error": r["error"]}
                 continue
             s = sum(r["seconds"][i] for i in idx)
             n = sum(len(r["tokens"][i]) for i in idx)
-            row = {"output_throughput": n / s, "speedup": base_s / s,
-                   "identical_to_plain": all(r["tokens"][i] == base["tokens"][i] for i in idx)}
-            report["results"].setdefault(kind, {})[name] = row
-            print(f"{kind:<6}{name:<10}{row['output_throughput']:>8.1f}{row['speedup']:>8.2f}x"
-                  f"{'yes' if row['identical_to_plain'] else 'NO':>24}")
-    print("\nvLLM's acceptance counters over all prompts:")
+            out["results"].setdefault(kind, {})[name] = {
+                "output_throughput": n / s, "speedup": base_s / s,
+                "identical_to_plain": all(r["tokens"][i] == base["tokens"][i] for i in idx)}
     for name, r in results.items():
         if name == "none" or "error" in r or not r.get("num_drafts"):
             continue
-        per_step = 1 + r["num_accepted_tokens"] / r["num_drafts"]
-        per_pos = [a / r["num_drafts"] for a in r["accepted_per_pos"]]
-        report["results"].setdefault("all", {})[name] = {
-            "mean_accepted_tokens_per_step": per_step, "acceptance_rate_per_pos": per_pos,
+        out["results"].setdefault("all", {})[name] = {
+            "mean_accepted_tokens_per_step": 1 + r["num_accepted_tokens"] / r["num_drafts"],
+            "acceptance_rate_per_pos": [a / r["num_drafts"] for a in r["accepted_per_pos"]],
             "draft_acceptance_rate": r["num_accepted_tokens"] / max(r["num_draft_tokens"], 1)}
-        print(f"  {name:<8} {per_step:.2f} tokens per step, acceptance per position "
-              + " ".join(f"{a:.2f}" for a in per_pos))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"JSON: {args.out}")
+    return out
 
 
 if __name__ == "__main__":

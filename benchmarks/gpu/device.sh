@@ -110,7 +110,13 @@ if [ -d .device-kit/wheels ] && [ ! -d /root/wheels ]; then  # ../shared/device/
 fi
 export PYTHONPATH=/root/wheels:/root/sharegpt HF_HUB_OFFLINE=1
 if [ -d /root/vk/site ]; then export PYTHONPATH=$PYTHONPATH:/root/vk/site VLLM_USE_FLASHINFER_SAMPLER=0; fi
-if [ -e "$GGUF" ]; then export LLMIP_SMOLLM2_GGUF=$GGUF; fi
+if [ -e "$GGUF" ]; then
+  export LLMIP_SMOLLM2_GGUF=$GGUF
+  # An earlier call of this machine may have staged the tokenizer alone (smollm2-tok, an empty model.safetensors):
+  # with the weights here now, drop that folder so the first load converts the GGUF.
+  tok=/root/.cache/llmip/smollm2-135m
+  if [ -e $tok/model.safetensors ] && [ ! -s $tok/model.safetensors ]; then rm -rf $tok; fi
+fi
 export NCCL_NVLS_ENABLE=0
 # Compiled kernels and tuning results outlive the machine: every call leaves Triton's and Inductor's caches in
 # $OUT/compile-cache.tar.xz, and the next call that carries it (copied to .device-kit/compile-cache.tar.xz) starts
@@ -430,10 +436,16 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --prompts speculative/prompts_eval.json --num-prompts 1 --max-tokens 128 --sweep-k "" \
       --out "$OUT/spec_benchmark_h100.json"
     ;;
-  ev)
-    run spec_vllm 240 python -m speculative.vllm_spec --methods ngram,draft,medusa \
-      --prompts speculative/prompts_eval.json --num-prompts 1 --max-tokens 128 --enforce-eager \
-      --out "$OUT/spec_vllm_h100.json"
+  ev)  # vLLM's speculative decoding (vllm-kit and the default model staged): the prompts of m9/m10, one engine
+       # per method; the JSON is rewritten after each engine, so a run cut by the limit keeps what it finished
+    run spec_vllm 540 python -m speculative.vllm_spec --methods ngram,draft,medusa \
+      --prompts speculative/prompts_eval.json --num-prompts 4 --max-tokens 128 --enforce-eager \
+      --out "$OUT/spec_vllm_gpu.json"
+    ;;
+  ev2)  # ours on ev's prompts with what vLLM proposes: prompt lookup, the shallow draft, the plain heads as a chain
+    run spec_ours_as_vllm 400 python -m speculative.benchmark --device cuda --dtype float32 \
+      --prompts speculative/prompts_eval.json --num-prompts 4 --max-tokens 128 --sweep-k "" --tree chain \
+      --heads speculative/heads/smollm2-135m.medusa.safetensors --out "$OUT/spec_benchmark_gpu_chain_plain.json"
     ;;
   kv)  # KV-cache policies over a long stream (needs the default model staged: call 2)
     run kv_20k 150 python -m kvcache.long_stream --device cuda --stream-file kvcache/results/stream_eval_32768.json \
