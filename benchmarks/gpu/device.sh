@@ -438,7 +438,7 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     ;;
   ev)  # vLLM's speculative decoding (vllm-kit and the default model staged): the prompts of m9/m10, one engine
        # per method; the JSON is rewritten after each engine, so a run cut by the limit keeps what it finished
-    run spec_vllm 540 python -m speculative.vllm_spec --methods ngram,draft,medusa \
+    run spec_vllm 540 python -m speculative.vllm_spec --methods ngram,medusa,draft \
       --prompts speculative/prompts_eval.json --num-prompts 4 --max-tokens 128 --enforce-eager \
       --out "$OUT/spec_vllm_gpu.json"
     ;;
