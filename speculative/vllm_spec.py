@@ -22,6 +22,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"JSON: {args.out}")
 
 
-def summarize(results: dict[str, dict], work: list[tuple[str, str]], kinds) -> dict:
+def summarize(results: dict[str, dict], work: list[tuple[str, str]], kinds: Iterable[str]) -> dict:
     """Per kind and method: tokens/s, speed-up over no speculation, greedy identity; vLLM's counters over all."""
     base = results["none"]
     out: dict = {"results": {}}
