@@ -403,6 +403,10 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
       --configs int8:triton:compile:fused:pdl,int8:triton:compile:fused --max-tokens 64 --repeats 2 \
       --out "$OUT/quant_gpu_7b_int8_pdl.json"
     ;;
+  a32)  # a24's PDL row alone, for a call with little budget (the row without PDL: 3.87 ms/token, H100)
+    run quant_7b_int8_pdl 300 python -u -m quantization.gpu_bench --model llama2-7b \
+      --configs int8:triton:compile:fused:pdl --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_int8_pdl.json"
+    ;;
   a16)  # triton_gemv.py's word-wide kernels (codes made floats by bit tricks, the next K tile loaded before this one's
         # math): each projection at one row against tinygemm and BF16, their GPU tests, then the 7B INT4 decode
     run gemv_bench 150 python -m quantization.gemm_bench --rows 1,4 --backends bf16,torch,triton,int8 \
