@@ -72,7 +72,7 @@
 # The session of 2026-12-07 23:24 - 2026-12-08 02:20 planned ev on one machine, the kits re-split in 40.5 MB parts
 # so that each fits one carry beside the 26 MB tree (cat part-* | split -b 40500000; the same for smollm2-*):
 # 1 part-aa, 2 part-ab, 3 smollm2-aa, 4 smollm2-ab -> stage; 5 part-ac smollm2-ac -> ev; 6 -> ev2. No machine
-# started in 20 calls from 23:31 to 01:25 (nvidia-h200 and nvidia-h100-x1: 10 failed starts, 10 refused by
+# started in 19 calls from 23:31 to 01:25 (nvidia-h200 and nvidia-h100-x1: 12 failed starts, 7 refused by
 # cooldowns that neighbouring sessions' failures kept renewing); from 00:34 the budget left was too small for ev's
 # five calls, and the later tries were for CONFIG=int4:triton:compile:fused:pdl a31 alone, then a24, then a32.
 # Next: the same plan.
