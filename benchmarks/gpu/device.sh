@@ -69,7 +69,7 @@
 # and a29 (22:38), back to back. Next: CONFIG=int4:triton:compile:fused:pdl a31, a24, then ev (vLLM's speculative
 # decoding). Each call carries the compile cache the call before it returned: cp <files_at>/compile-cache.tar.xz
 # .device-kit/ (see CACHE below; a29's, 204 MB of caches, was 15.3 MiB at xz -1, 9.1 MiB at -6, which it now uses).
-# The session of 2026-12-07 23:24 - 2026-12-08 02:20 planned ev on one machine, the kits re-split in 40.5 MB parts
+# The session of 2026-12-07 23:24 - 2026-12-08 01:50 planned ev on one machine, the kits re-split in 40.5 MB parts
 # so that each fits one carry beside the 26 MB tree (cat part-* | split -b 40500000; the same for smollm2-*):
 # 1 part-aa, 2 part-ab, 3 smollm2-aa, 4 smollm2-ab -> stage; 5 part-ac smollm2-ac -> ev; 6 -> ev2. No machine
 # started in 19 calls from 23:31 to 01:25 (nvidia-h200 and nvidia-h100-x1: 12 failed starts, 7 refused by
