@@ -74,7 +74,8 @@
 # 1 part-aa, 2 part-ab, 3 smollm2-aa, 4 smollm2-ab -> stage; 5 part-ac smollm2-ac -> ev; 6 -> ev2. No machine
 # started in 19 calls from 23:31 to 01:25 (nvidia-h200 and nvidia-h100-x1: 12 failed starts, 7 refused by
 # cooldowns that neighbouring sessions' failures kept renewing); from 00:34 the budget left was too small for ev's
-# five calls, and the later tries were for CONFIG=int4:triton:compile:fused:pdl a31 alone, then a24, then a32.
+# five calls, and the later tries were for CONFIG=int4:triton:compile:fused:pdl a31 alone, then a24, then
+# CONFIGS=int8:triton:compile:fused:pdl a24.
 # Next: the same plan.
 # (.device-kit/wheels: ../shared/device/wheels-kit gguf==0.19.0, which turns the default model's GGUF into a folder,
 #  and, for our server without vllm-kit (stage f4), fastapi==0.136.3 pydantic==2.14.4 pydantic_core==2.50.5
@@ -399,14 +400,11 @@ llama2-7b:64:256-512 --layers 32 --pool-blocks 13937 --dot 0,1 --tiles 16,32,64 
     run quant_70b_${config//:/_} 560 python -u -m quantization.gpu_bench --model llama2-70b --int4-head \
       --configs "$config" --max-tokens 32 --repeats 2 --out "$OUT/quant_gpu_70b_${config//:/_}.json"
     ;;
-  a24)  # the 7B INT8 decode through our kernel, with and without PDL
+  a24)  # the 7B INT8 decode through our kernel, with and without PDL; CONFIGS=int8:triton:compile:fused:pdl takes
+        # the PDL row alone, for a call with little budget (the row without PDL: 3.87 ms/token, H100)
     run quant_7b_int8_pdl 400 python -u -m quantization.gpu_bench --model llama2-7b \
-      --configs int8:triton:compile:fused:pdl,int8:triton:compile:fused --max-tokens 64 --repeats 2 \
+      --configs "${CONFIGS:-int8:triton:compile:fused:pdl,int8:triton:compile:fused}" --max-tokens 64 --repeats 2 \
       --out "$OUT/quant_gpu_7b_int8_pdl.json"
-    ;;
-  a32)  # a24's PDL row alone, for a call with little budget (the row without PDL: 3.87 ms/token, H100)
-    run quant_7b_int8_pdl 300 python -u -m quantization.gpu_bench --model llama2-7b \
-      --configs int8:triton:compile:fused:pdl --max-tokens 64 --repeats 2 --out "$OUT/quant_gpu_7b_int8_pdl.json"
     ;;
   a16)  # triton_gemv.py's word-wide kernels (codes made floats by bit tricks, the next K tile loaded before this one's
         # math): each projection at one row against tinygemm and BF16, their GPU tests, then the 7B INT4 decode
